@@ -300,6 +300,20 @@ def _int(obj: Mapping[str, Any], key: str, path: str, default: int | None = None
     return value
 
 
+def _bool(obj: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    """Strictly a boolean: YAML's quoted "false" must not turn a switch on."""
+    value = obj.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}.{key}", f"expected true or false, got {value!r}")
+    return value
+
+
+def _range(value: int | None, path: str, low: int, high: int) -> int | None:
+    if value is not None and not low <= value <= high:
+        raise ConfigError(path, f"must be between {low} and {high}, got {value}")
+    return value
+
+
 def _strs(obj: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
     value = obj.get(key) or []
     if isinstance(value, str) or not isinstance(value, Sequence):
@@ -343,7 +357,7 @@ def parse_connection(obj: Mapping[str, Any]) -> Connection:
     tls = _map(t.get("tls"), "spec.target.tls")
     target = Target(
         host=_opt_str(t, "host", "spec.target"),
-        port=_int(t, "port", "spec.target"),
+        port=_range(_int(t, "port", "spec.target"), "spec.target.port", 1, 65535),
         database=_opt_str(t, "database", "spec.target"),
         url=_opt_str(t, "url", "spec.target"),
         tls=TLSConfig(
@@ -395,14 +409,16 @@ def parse_connection(obj: Mapping[str, Any]) -> Connection:
                 ),
             )
         )
-    for alg_issuer in issuers:
+    for i, alg_issuer in enumerate(issuers):
         bad = [a for a in alg_issuer.algorithms if a.lower() == "none" or a.startswith("HS")]
         if bad:
-            raise ConfigError("spec.identity.issuers.algorithms", f"algorithms not allowed: {bad}")
-    identity = IdentityConfig(workload=bool(ident.get("workload", False)), issuers=tuple(issuers))
+            raise ConfigError(f"spec.identity.issuers[{i}].algorithms", f"algorithms not allowed: {bad}")
+    workload = _bool(ident, "workload", "spec.identity", False)
+    identity = IdentityConfig(workload=workload, issuers=tuple(issuers))
 
     access = tuple(
-        _who(_map(a, f"spec.access[{i}]"), f"spec.access[{i}]") for i, a in enumerate(spec.get("access") or [])
+        _who(_map(a, f"spec.access[{i}]"), f"spec.access[{i}]")
+        for i, a in enumerate(spec.get("access") or [])
     )
 
     guardrails = tuple(
@@ -416,10 +432,11 @@ def parse_connection(obj: Mapping[str, Any]) -> Connection:
 
     ap = _map(spec.get("approval"), "spec.approval")
     approvers = _map(ap.get("approvers"), "spec.approval.approvers")
+    hold_seconds = _range(_int(ap, "holdSeconds", "spec.approval", 60), "spec.approval.holdSeconds", 0, 3600)
     approval = Approval(
         approver_groups=_strs(approvers, "groups", "spec.approval.approvers"),
         approver_users=_strs(approvers, "users", "spec.approval.approvers"),
-        hold_seconds=_int(ap, "holdSeconds", "spec.approval", 60) or 0,
+        hold_seconds=hold_seconds or 0,
         ttl_seconds=parse_duration(ap.get("ttl", "1h"), "spec.approval.ttl"),
     )
 
@@ -432,7 +449,7 @@ def parse_connection(obj: Mapping[str, Any]) -> Connection:
             url=_str(whm, "url", "spec.audit.webhook"),
             secret_ref=_secret_ref(whm.get("secretRef"), "spec.audit.webhook.secretRef", "token"),
         )
-    audit = AuditConfig(kubernetes_events=bool(au.get("kubernetesEvents", True)), webhook=webhook)
+    audit = AuditConfig(kubernetes_events=_bool(au, "kubernetesEvents", "spec.audit", True), webhook=webhook)
 
     listen = _map(spec.get("listen"), "spec.listen")
     default_port = 15432 if ctype == "postgres" else 18080
@@ -443,8 +460,9 @@ def parse_connection(obj: Mapping[str, Any]) -> Connection:
         target=target,
         credentials=credentials,
         mode=_enum(spec, "mode", "spec", ("sidecar", "gateway"), "sidecar"),  # type: ignore[arg-type]
-        replicas=_int(spec, "replicas", "spec", 2) or 0,
-        listen_port=_int(listen, "port", "spec.listen", default_port) or default_port,
+        replicas=_range(_int(spec, "replicas", "spec", 2), "spec.replicas", 0, 100) or 0,
+        listen_port=_range(_int(listen, "port", "spec.listen", default_port), "spec.listen.port", 1, 65535)
+        or default_port,
         identity=identity,
         access=access,
         guardrails=guardrails,
@@ -463,17 +481,11 @@ def parse_guardrail(g: Mapping[str, Any], path: str) -> Guardrail:
             statements=tuple(x.lower() for x in _strs(s, "statements", f"{path}.sql")),
             tables=_strs(s, "tables", f"{path}.sql"),
             functions=tuple(x.lower() for x in _strs(s, "functions", f"{path}.sql")),
-            without_where=bool(s.get("withoutWhere", False)),
+            without_where=_bool(s, "withoutWhere", f"{path}.sql", False),
         )
     if g.get("http") is not None:
         h = _map(g.get("http"), f"{path}.http")
-        body = tuple(
-            BodyMatch(
-                path=_str(_map(b, f"{path}.http.body[{i}]"), "path", f"{path}.http.body[{i}]"),
-                values=tuple(_map(b, f"{path}.http.body[{i}]").get("values") or ()),
-            )
-            for i, b in enumerate(h.get("body") or [])
-        )
+        body = tuple(_body_match(b, f"{path}.http.body[{i}]") for i, b in enumerate(h.get("body") or []))
         http = HTTPMatch(
             methods=tuple(m.upper() for m in _strs(h, "methods", f"{path}.http")),
             paths=_strs(h, "paths", f"{path}.http"),
@@ -490,6 +502,14 @@ def parse_guardrail(g: Mapping[str, Any], path: str) -> Guardrail:
     )
 
 
+def _body_match(obj: Any, path: str) -> BodyMatch:
+    b = _map(obj, path)
+    values = b.get("values") or []
+    if not isinstance(values, list):
+        raise ConfigError(f"{path}.values", "expected a list")
+    return BodyMatch(path=_str(b, "path", path), values=tuple(values))
+
+
 # --------------------------------------------------------------------------- MaskingPolicy
 
 
@@ -504,14 +524,15 @@ def parse_masking_policy(obj: Mapping[str, Any]) -> MaskingPolicy:
         detectors = tuple(d.lower() for d in _strs(r, "detectors", p))
         for j, d in enumerate(detectors):
             if d not in DETECTORS:
-                raise ConfigError(f"{p}.detectors[{j}]", f"unknown detector {d!r} (known: {', '.join(DETECTORS)})")
+                known = ", ".join(DETECTORS)
+                raise ConfigError(f"{p}.detectors[{j}]", f"unknown detector {d!r} (known: {known})")
         pattern = _opt_str(r, "pattern", p)
         if pattern is not None:
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise ConfigError(f"{p}.pattern", f"invalid regular expression: {exc}") from None
-        keep_last = _int(r, "keepLast", p)
+        keep_last = _range(_int(r, "keepLast", p), f"{p}.keepLast", 0, 64)
         if strategy == "partial" and keep_last is None:
             keep_last = 4
         rule = MaskingRule(
@@ -528,10 +549,15 @@ def parse_masking_policy(obj: Mapping[str, Any]) -> MaskingPolicy:
         rules.append(rule)
     if not rules:
         raise ConfigError("spec.rules", "at least one rule is required")
+    names = [r.name for r in rules]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError("spec.rules", f"duplicate rule names: {', '.join(dupes)}")
     selector = spec.get("selector")
     match_labels = None
     if selector is not None:
-        match_labels = dict(_map(_map(selector, "spec.selector").get("matchLabels"), "spec.selector.matchLabels"))
+        labels = _map(_map(selector, "spec.selector").get("matchLabels"), "spec.selector.matchLabels")
+        match_labels = {str(k): str(v) for k, v in labels.items()}
     return MaskingPolicy(
         name=_str(meta, "name", "metadata"),
         namespace=str(meta.get("namespace") or "default"),
