@@ -1,0 +1,799 @@
+"""Audit evidence: what happened, in OCSF shape, sealed into a tamper-evident hash chain.
+
+Three layers, innermost first:
+
+* ``redact_statement`` and the ``AuditEvent`` constructors are pure: the front ends describe a
+  session or a command, nothing is written.
+* ``Chain`` numbers and seals events (``seq``, ``prev_hash``, ``hash``) and signs checkpoints; it
+  is synchronous so the hot path costs one JSON dump and one SHA-256.
+* ``AuditLog`` is the I/O edge: a durable spool (group-committed fsync) and one shipper per sink.
+
+The wire format is documented in ``docs/audit-schema.md``; ``sidegate audit verify`` checks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time as _time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qsl, quote, urlsplit
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from . import __version__
+from .config import Action, Connection, ConnectionType
+from .policy import Caller, Decision
+from .sinks import Sink
+from .spool import Shipper, Spool, SpoolWriter
+
+log = logging.getLogger(__name__)
+
+OCSF_VERSION = "1.3.0"
+PRODUCT = {"name": "Sidegate", "vendor_name": "Sidegate", "version": __version__}
+GENESIS = "0" * 64
+REDACTED = "'***'"
+MAX_COMMAND = 32 * 1024  # characters of statement text kept; a 5 MB INSERT is not evidence
+
+EventKind = Literal["session_start", "session_end", "command"]
+
+
+class AuditError(RuntimeError):
+    """The audit trail cannot be written or resumed: callers must fail closed."""
+
+
+# --------------------------------------------------------------------------- statement redaction
+
+_SENSITIVE = ("password", "passwd", "secret")
+_IDENT_START = re.compile(r"[A-Za-z_\u0080-\uffff]")
+_IDENT = re.compile(r"[A-Za-z0-9_$\u0080-\uffff]*")
+_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_\u0080-\uffff][A-Za-z0-9_\u0080-\uffff]*)?\$")
+
+TokenKind = Literal["literal", "comment", "word", "semicolon", "other"]
+
+
+def _is_ident_char(ch: str) -> bool:
+    return ch.isalnum() or ch in "_$" or ord(ch) >= 0x80
+
+
+def _quoted_end(sql: str, start: int, quote_char: str, backslash: bool) -> int:
+    """Index just past the closing quote (doubled quotes escape it); ``len(sql)`` if unterminated."""
+    i, n = start, len(sql)
+    while i < n:
+        ch = sql[i]
+        if backslash and ch == "\\":
+            i += 2
+            continue
+        if ch == quote_char:
+            if i + 1 < n and sql[i + 1] == quote_char:
+                i += 2
+                continue
+            return i + 1
+        i += 1
+    return n
+
+
+def _comment_end(sql: str, start: int) -> int:
+    """Block comments nest in PostgreSQL; an unterminated one runs to the end."""
+    depth, i, n = 1, start + 2, len(sql)
+    while i < n and depth:
+        if sql.startswith("/*", i):
+            depth, i = depth + 1, i + 2
+        elif sql.startswith("*/", i):
+            depth, i = depth - 1, i + 2
+        else:
+            i += 1
+    return i
+
+
+def sql_tokens(sql: str) -> Iterator[tuple[TokenKind, int, int]]:
+    """Just enough of PostgreSQL's lexer to know what is a literal: ``(kind, start, end)`` spans.
+
+    Knows '' escapes, E'' strings (backslash escapes), U&'' strings, dollar quotes, quoted
+    identifiers and nested comments. Assumes ``standard_conforming_strings = on`` (the default
+    since 9.1). Anything unterminated runs to the end, so a stray quote never un-hides a secret.
+    """
+    i, n = 0, len(sql)
+    while i < n:
+        ch = sql[i]
+        prev_ident = i > 0 and _is_ident_char(sql[i - 1])
+        if ch == "'":
+            end = _quoted_end(sql, i + 1, "'", backslash=False)
+            yield "literal", i, end
+        elif ch in "eE" and not prev_ident and sql.startswith("'", i + 1):
+            end = _quoted_end(sql, i + 2, "'", backslash=True)
+            yield "literal", i, end
+        elif ch in "uU" and not prev_ident and sql.startswith("&'", i + 1):
+            end = _quoted_end(sql, i + 3, "'", backslash=False)
+            yield "literal", i, end
+        elif ch == "$" and not prev_ident and (m := _DOLLAR_TAG.match(sql, i)):
+            tag = m.group(0)
+            close = sql.find(tag, m.end())
+            end = n if close < 0 else close + len(tag)
+            yield "literal", i, end
+        elif ch == '"':
+            end = _quoted_end(sql, i + 1, '"', backslash=False)
+            yield "word", i, end
+        elif sql.startswith("--", i):
+            nl = sql.find("\n", i)
+            end = n if nl < 0 else nl
+            yield "comment", i, end
+        elif sql.startswith("/*", i):
+            end = _comment_end(sql, i)
+            yield "comment", i, end
+        elif _IDENT_START.match(ch):
+            m2 = _IDENT.match(sql, i + 1)
+            end = m2.end() if m2 else i + 1
+            yield "word", i, end
+        elif ch == ";":
+            end = i + 1
+            yield "semicolon", i, end
+        else:
+            end = i + 1
+            yield "other", i, end
+        i = max(end, i + 1)
+
+
+def redact_statement(sql: str) -> str:
+    """Replace every string literal (and comment) in statements that handle passwords.
+
+    A statement is sensitive when a keyword or identifier outside literals mentions a password or
+    secret: ``ALTER ROLE x PASSWORD '...'``, ``CREATE USER ... PASSWORD``, ``SET ... password``,
+    ``UPDATE users SET password = ...``, ``CREATE USER MAPPING ... OPTIONS (password '...')``.
+    Other statements are returned unchanged so the audit trail keeps its evidence value.
+    """
+    lowered = sql.lower()
+    if not any(word in lowered for word in _SENSITIVE):
+        return sql
+    out: list[str] = []
+    statement: list[tuple[TokenKind, int, int]] = []
+
+    def flush() -> None:
+        sensitive = any(
+            kind == "word" and any(w in lowered[s:e] for w in _SENSITIVE) for kind, s, e in statement
+        )
+        for kind, s, e in statement:
+            if sensitive and kind == "literal":
+                out.append(REDACTED)
+            elif sensitive and kind == "comment":
+                out.append("/* *** */")
+            else:
+                out.append(sql[s:e])
+        statement.clear()
+
+    for token in sql_tokens(sql):
+        statement.append(token)
+        if token[0] == "semicolon":
+            flush()
+    flush()
+    return "".join(out)
+
+
+def redact_request_target(target: str) -> str:
+    """An HTTP request target with query values hidden (tokens travel in query strings)."""
+    parts = urlsplit(target)
+    if not parts.query:
+        return target
+    query = "&".join(f"{quote(k, safe='')}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return f"{parts.path}?{query}"
+
+
+# --------------------------------------------------------------------------- the event model
+
+
+@dataclass(frozen=True)
+class ApprovalRef:
+    """The AccessRequest a command ran under: who reviewed it is the evidence."""
+
+    namespace: str
+    name: str
+    reviewer: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        d = {"namespace": self.namespace, "name": self.name}
+        if self.reviewer:
+            d["reviewer"] = self.reviewer
+        return d
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One session start/end or one command, protocol-neutral; ``to_dict`` gives the OCSF shape."""
+
+    kind: EventKind
+    time: float
+    session_id: str
+    connection: str
+    connection_type: ConnectionType
+    caller: Caller | None = None
+    client: str | None = None
+    target: str | None = None
+    database: str | None = None
+    command: str | None = None
+    command_class: str | None = None
+    decision: Action | None = None
+    rule: str | None = None
+    reason: str = ""
+    masked: Mapping[str, int] = field(default_factory=dict)
+    rows: int | None = None
+    duration_ms: float | None = None
+    sqlstate: str | None = None
+    http_status: int | None = None
+    approval: ApprovalRef | None = None
+    commands: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return ocsf_event(self)
+
+
+def _decision(decision: Decision | Action | None, rule: str | None, reason: str) -> tuple[Any, Any, str]:
+    if isinstance(decision, Decision):
+        return decision.action, rule or decision.rule, reason or decision.reason
+    return decision, rule, reason
+
+
+def session_start(
+    *,
+    session_id: str,
+    connection: str,
+    connection_type: ConnectionType,
+    caller: Caller | None,
+    decision: Decision | Action = "allow",
+    rule: str | None = None,
+    reason: str = "",
+    client: str | None = None,
+    target: str | None = None,
+    database: str | None = None,
+    time: float | None = None,
+) -> AuditEvent:
+    """A caller connected (or was refused: ``decision`` from ``check_access``)."""
+    action, rule, reason = _decision(decision, rule, reason)
+    return AuditEvent(
+        kind="session_start", time=_time.time() if time is None else time, session_id=session_id,
+        connection=connection, connection_type=connection_type, caller=caller, client=client,
+        target=target, database=database, decision=action, rule=rule, reason=reason,
+    )
+
+
+def session_end(
+    *,
+    session_id: str,
+    connection: str,
+    connection_type: ConnectionType,
+    caller: Caller | None,
+    duration_ms: float | None = None,
+    commands: int | None = None,
+    reason: str = "",
+    client: str | None = None,
+    target: str | None = None,
+    database: str | None = None,
+    time: float | None = None,
+) -> AuditEvent:
+    return AuditEvent(
+        kind="session_end", time=_time.time() if time is None else time, session_id=session_id,
+        connection=connection, connection_type=connection_type, caller=caller, client=client,
+        target=target, database=database, duration_ms=duration_ms, commands=commands, reason=reason,
+    )
+
+
+def command_event(
+    *,
+    session_id: str,
+    connection: str,
+    connection_type: ConnectionType,
+    caller: Caller | None,
+    command: str,
+    decision: Decision | Action,
+    rule: str | None = None,
+    reason: str = "",
+    command_class: str | None = None,
+    masked: Mapping[str, int] | None = None,
+    rows: int | None = None,
+    duration_ms: float | None = None,
+    sqlstate: str | None = None,
+    http_status: int | None = None,
+    approval: ApprovalRef | None = None,
+    client: str | None = None,
+    target: str | None = None,
+    database: str | None = None,
+    time: float | None = None,
+) -> AuditEvent:
+    """One SQL statement (``command`` = its text) or HTTP request (``command`` = "METHOD /path?q").
+
+    Redaction happens here, so no front end can forget it: password literals in SQL, query
+    values in HTTP targets.
+    """
+    action, rule, reason = _decision(decision, rule, reason)
+    if connection_type == "postgres":
+        command = redact_statement(command)
+    else:
+        method, _, path = command.partition(" ")
+        command = f"{method.upper()} {redact_request_target(path)}"
+        command_class = command_class or method.lower()
+    if len(command) > MAX_COMMAND:
+        command = command[:MAX_COMMAND] + f"... [{len(command) - MAX_COMMAND} more characters]"
+    return AuditEvent(
+        kind="command", time=_time.time() if time is None else time, session_id=session_id,
+        connection=connection, connection_type=connection_type, caller=caller, client=client,
+        target=target, database=database, command=command, command_class=command_class,
+        decision=action, rule=rule, reason=reason, masked=dict(masked or {}), rows=rows,
+        duration_ms=duration_ms, sqlstate=sqlstate, http_status=http_status, approval=approval,
+    )
+
+
+def http_request_event(
+    *,
+    connection: Connection,
+    caller: Caller | None,
+    session_id: str,
+    method: str,
+    path: str,
+    query: str = "",
+    status: int | None,
+    decision: Decision | Action,
+    masked: Mapping[str, int] | None = None,
+    duration_ms: float | None = None,
+    client: str | None = None,
+    reason: str | None = None,
+    approval: ApprovalRef | None = None,
+    time: float | None = None,
+) -> AuditEvent:
+    """``command_event`` for the HTTP proxy: one request; ``status`` 0/None = no response sent."""
+    target = urlsplit(connection.target.url or "").netloc or None
+    return command_event(
+        session_id=session_id, connection=connection.ref, connection_type="http", caller=caller,
+        command=f"{method} {path}" + (f"?{query}" if query else ""), decision=decision,
+        reason=reason or "", masked=masked, duration_ms=duration_ms, http_status=status or None,
+        client=client, target=target, approval=approval, time=time,
+    )
+
+
+# --------------------------------------------------------------------------- OCSF mapping
+
+CATEGORY_APPLICATION = 6
+CLASS_DATASTORE = 6005
+CLASS_API = 6003
+CLASS_BASE = 0
+
+_SQL_ACTIVITY: dict[str, tuple[int, str]] = {
+    "select": (4, "Query"), "read": (4, "Query"), "show": (4, "Query"), "explain": (4, "Query"),
+    "insert": (5, "Write"), "copy": (5, "Write"), "merge": (5, "Write"), "write": (5, "Write"),
+    "update": (2, "Update"),
+    "delete": (7, "Delete"), "truncate": (7, "Delete"), "drop": (7, "Delete"),
+    "create": (6, "Create"),
+}
+_HTTP_ACTIVITY: dict[str, tuple[int, str]] = {
+    "post": (1, "Create"), "get": (2, "Read"), "head": (2, "Read"),
+    "put": (3, "Update"), "patch": (3, "Update"), "delete": (4, "Delete"),
+}
+_SEVERITY = {"allow": (1, "Informational"), "requireApproval": (2, "Low"), "block": (3, "Medium")}
+_ACTION = {"allow": (1, "Allowed"), "requireApproval": (2, "Denied"), "block": (2, "Denied")}
+_DISPOSITION = {
+    "allow": (1, "Allowed"), "requireApproval": (99, "Approval Required"), "block": (2, "Blocked"),
+}
+
+
+def rfc3339(ts: float) -> str:
+    """UTC with milliseconds: 2024-05-01T12:00:00.123Z."""
+    ms = round(ts * 1000)
+    return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def _endpoint(address: str) -> dict[str, Any]:
+    """'10.0.0.1:5432', '[::1]:80' or a bare host/path to an OCSF network endpoint."""
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit() and host:
+        return {"ip" if _looks_ip(host) else "hostname": host.strip("[]"), "port": int(port)}
+    return {"ip" if _looks_ip(address) else "hostname": address}
+
+
+def _looks_ip(host: str) -> bool:
+    h = host.strip("[]")
+    return ":" in h or bool(re.fullmatch(r"[0-9.]+", h))
+
+
+def _activity(event: AuditEvent) -> tuple[int, int, str]:
+    """(class_uid, activity_id, activity_name) for an event."""
+    cls = CLASS_DATASTORE if event.connection_type == "postgres" else CLASS_API
+    if event.kind == "session_start":
+        return (cls, 3, "Connect") if cls == CLASS_DATASTORE else (cls, 99, "Session Start")
+    if event.kind == "session_end":
+        return cls, 99, "Disconnect" if cls == CLASS_DATASTORE else "Session End"
+    table = _SQL_ACTIVITY if cls == CLASS_DATASTORE else _HTTP_ACTIVITY
+    key = (event.command_class or "").lower()
+    activity_id, name = table.get(key, (99, key.upper() or "Other"))
+    return cls, activity_id, name
+
+
+def _status(event: AuditEvent) -> tuple[int, str]:
+    if event.decision not in (None, "allow"):
+        return 2, "Failure"
+    if event.sqlstate and not event.sqlstate.startswith(("00", "01", "02")):
+        return 2, "Failure"
+    if event.http_status is not None and event.http_status >= 400:
+        return 2, "Failure"
+    return 1, "Success"
+
+
+def ocsf_event(event: AuditEvent) -> dict[str, Any]:
+    """The OCSF 1.x shape of an event, without the chain fields (see docs/audit-schema.md)."""
+    class_uid, activity_id, activity_name = _activity(event)
+    status_id, status = _status(event)
+    ms = round(event.time * 1000)
+    d: dict[str, Any] = {
+        "category_uid": CATEGORY_APPLICATION,
+        "category_name": "Application Activity",
+        "class_uid": class_uid,
+        "class_name": "Datastore Activity" if class_uid == CLASS_DATASTORE else "API Activity",
+        "activity_id": activity_id,
+        "activity_name": activity_name,
+        "type_uid": class_uid * 100 + activity_id,
+        "time": ms,
+        "time_dt": rfc3339(event.time),
+        "status_id": status_id,
+        "status": status,
+        "metadata": {"version": OCSF_VERSION, "product": PRODUCT, "log_name": "sidegate-audit"},
+        "dst_endpoint": {"svc_name": event.connection, **(_endpoint(event.target) if event.target else {})},
+    }
+    severity = _SEVERITY.get(event.decision or "allow", (1, "Informational"))
+    d["severity_id"], d["severity"] = severity
+    actor: dict[str, Any] = {"session": {"uid": event.session_id}}
+    if event.caller is not None:
+        c = event.caller
+        groups = [{"name": g} for g in sorted(c.groups)]
+        actor["user"] = {"name": c.subject, "uid": c.subject, "groups": groups}
+        actor["idp"] = {"name": c.issuer}
+    d["actor"] = actor
+    if event.client:
+        d["src_endpoint"] = _endpoint(event.client)
+    if event.decision is not None:
+        d["action_id"], d["action"] = _ACTION[event.decision]
+        d["disposition_id"], d["disposition"] = _DISPOSITION[event.decision]
+    if event.rule:
+        d["policy"] = {"name": event.rule}
+    if event.reason:
+        d["status_detail"] = event.reason
+        d["message"] = event.reason
+    if event.duration_ms is not None:
+        d["duration"] = round(event.duration_ms)
+    if event.sqlstate:
+        d["status_code"] = event.sqlstate
+    elif event.http_status is not None:
+        d["status_code"] = str(event.http_status)
+    if class_uid == CLASS_DATASTORE:
+        db: dict[str, Any] = {"type_id": 1, "type": "Relational"}
+        if event.database:
+            db["name"] = event.database
+        d["database"] = db
+        if event.command is not None:
+            d["query_info"] = {"query_string": event.command}
+    elif event.command is not None:
+        method, _, path = event.command.partition(" ")
+        url_path, _, query = path.partition("?")
+        url: dict[str, Any] = {"path": url_path}
+        if query:
+            url["query_string"] = query
+        d["api"] = {"operation": method}
+        d["http_request"] = {"http_method": method, "url": url}
+        if event.http_status is not None:
+            d["http_response"] = {"code": event.http_status}
+    unmapped: dict[str, Any] = {
+        "event": event.kind,
+        "connection": event.connection,
+        "connection_type": event.connection_type,
+    }
+    if event.decision is not None:
+        unmapped["decision"] = event.decision
+    if event.command_class:
+        unmapped["command_class"] = event.command_class
+    if event.masked:
+        unmapped["masked"] = {str(k): int(v) for k, v in event.masked.items()}
+    if event.rows is not None:
+        unmapped["rows"] = event.rows
+    if event.approval is not None:
+        unmapped["approval"] = event.approval.to_dict()
+    if event.commands is not None:
+        unmapped["commands"] = event.commands
+    d["unmapped"] = unmapped
+    return d
+
+
+# --------------------------------------------------------------------------- the hash chain
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """What the hash covers: sorted keys, no whitespace, ASCII only (no encoding ambiguity)."""
+    return _CANONICAL.encode(obj).encode("ascii")
+
+
+def record_hash(record: Mapping[str, Any]) -> str:
+    """SHA-256 hex of a record's canonical JSON without its own ``hash`` field."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def checkpoint_message(chain_id: str, seq: int, digest: str) -> bytes:
+    """The bytes a checkpoint signs: the chain position it vouches for."""
+    return canonical_json({"chain_id": chain_id, "hash": digest, "seq": seq})
+
+
+def key_id(material: bytes) -> str:
+    return hashlib.sha256(material).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    chain_id: str
+    seq: int
+    hash: str
+
+
+class Chain:
+    """Numbers and seals records; pure and synchronous so the hot path stays cheap."""
+
+    def __init__(
+        self,
+        chain_id: str,
+        *,
+        seq: int = 0,
+        prev_hash: str = GENESIS,
+        hmac_key: bytes | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
+    ) -> None:
+        self.chain_id = chain_id
+        self.seq = seq
+        self.last_hash = prev_hash
+        self._hmac_key = hmac_key
+        self._signing_key = signing_key
+        self._public = (
+            signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) if signing_key else None
+        )
+
+    @classmethod
+    def resume(cls, head: ChainHead, **keys: Any) -> Chain:
+        return cls(head.chain_id, seq=head.seq, prev_hash=head.hash, **keys)
+
+    @property
+    def signs(self) -> bool:
+        return self._hmac_key is not None or self._signing_key is not None
+
+    def seal(self, record: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """Add chain fields to ``record`` (in place) and return it with its JSON line.
+
+        The line is the canonical JSON itself with ``hash`` appended, so sealing costs one dump.
+        """
+        self.seq += 1
+        record["chain_id"] = self.chain_id
+        record["seq"] = self.seq
+        record["prev_hash"] = self.last_hash
+        meta = record.setdefault("metadata", {})
+        meta["uid"] = f"{self.chain_id}:{self.seq}"
+        meta["sequence"] = self.seq
+        body = canonical_json(record)
+        digest = hashlib.sha256(body).hexdigest()
+        record["hash"] = digest
+        self.last_hash = digest
+        return record, body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+
+    def checkpoint(self, now: float) -> dict[str, Any]:
+        """A Base Event vouching (HMAC and/or Ed25519) for the chain up to the current head."""
+        message = checkpoint_message(self.chain_id, self.seq, self.last_hash)
+        signatures: list[dict[str, str]] = []
+        if self._hmac_key is not None:
+            signatures.append({
+                "alg": "hmac-sha256",
+                "key_id": key_id(self._hmac_key),
+                "signature": hmac.new(self._hmac_key, message, hashlib.sha256).hexdigest(),
+            })
+        if self._signing_key is not None and self._public is not None:
+            signatures.append({
+                "alg": "ed25519",
+                "key_id": key_id(self._public),
+                "signature": self._signing_key.sign(message).hex(),
+            })
+        return {
+            "category_uid": 0,
+            "category_name": "Uncategorized",
+            "class_uid": CLASS_BASE,
+            "class_name": "Base Event",
+            "activity_id": 99,
+            "activity_name": "Checkpoint",
+            "type_uid": CLASS_BASE * 100 + 99,
+            "severity_id": 1,
+            "severity": "Informational",
+            "status_id": 1,
+            "status": "Success",
+            "time": round(now * 1000),
+            "time_dt": rfc3339(now),
+            "metadata": {"version": OCSF_VERSION, "product": PRODUCT, "log_name": "sidegate-audit"},
+            "message": f"audit checkpoint at seq {self.seq}",
+            "unmapped": {
+                "event": "checkpoint",
+                "checkpoint": {"seq": self.seq, "hash": self.last_hash, "signatures": signatures},
+            },
+        }
+
+
+def chain_head(line: bytes) -> ChainHead:
+    """The chain position a spooled line ends at (what a restart continues from)."""
+    try:
+        record = json.loads(line)
+        head = ChainHead(str(record["chain_id"]), int(record["seq"]), str(record["hash"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AuditError(
+            f"the audit spool's last record is unreadable ({exc}): move the spool aside"
+        ) from None
+    if record_hash(record) != head.hash:
+        raise AuditError(f"the audit spool's last record (seq {head.seq}) fails its hash: it was modified")
+    return head
+
+
+# --------------------------------------------------------------------------- the facade
+
+
+class AuditLog:
+    """Durable, chained, shipped audit events for one proxy instance.
+
+    ``await emit(event)`` returns once the event is fsync'd to the spool (use it before answering a
+    blocked or approved command); ``emit_nowait`` queues it for the next group commit (allowed
+    statements). Each sink has a shipper that reads from its persisted cursor, so a restart
+    re-sends exactly what was not acknowledged.
+    """
+
+    def __init__(
+        self,
+        spool_dir: Path,
+        sinks: Sequence[Sink],
+        chain_key: bytes | None,
+        instance_id: str,
+        *,
+        signing_key: Ed25519PrivateKey | None = None,
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 60.0,
+        fsync: bool = True,
+        flush_interval: float = 0.05,
+        max_segment_bytes: int = 16 << 20,
+        batch_size: int = 100,
+        batch_interval: float = 0.2,
+        retry_initial: float = 0.2,
+        retry_max: float = 30.0,
+        drain_timeout: float = 5.0,
+    ) -> None:
+        names = [s.name for s in sinks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"audit sink names must be unique: {names}")
+        if checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be at least 1")
+        self.instance_id = instance_id
+        self.sinks = tuple(sinks)
+        self.spool = Spool(Path(spool_dir), max_segment_bytes=max_segment_bytes)
+        self._chain_key = chain_key
+        self._signing_key = signing_key
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_interval = checkpoint_interval
+        self._fsync = fsync
+        self._flush_interval = flush_interval
+        self._batch_size = batch_size
+        self._batch_interval = batch_interval
+        self._retry = (retry_initial, retry_max)
+        self._drain_timeout = drain_timeout
+        self._chain: Chain | None = None
+        self._writer: SpoolWriter | None = None
+        self._shippers: list[Shipper] = []
+        self._timer: asyncio.Task[None] | None = None
+        self._since_checkpoint = 0
+        self._closed = False
+
+    @property
+    def chain(self) -> Chain:
+        if self._chain is None:
+            raise AuditError("AuditLog is not started")
+        return self._chain
+
+    @property
+    def shippers(self) -> tuple[Shipper, ...]:
+        return tuple(self._shippers)
+
+    async def start(self) -> None:
+        last = await asyncio.to_thread(self.spool.open)
+        keys: dict[str, Any] = {"hmac_key": self._chain_key, "signing_key": self._signing_key}
+        if last is not None:
+            self._chain = Chain.resume(chain_head(last), **keys)
+        else:
+            self._chain = Chain(f"{self.instance_id}@{rfc3339(_time.time())}", **keys)
+        self._writer = SpoolWriter(self.spool, fsync=self._fsync, flush_interval=self._flush_interval)
+        self._writer.start()
+        self._shippers = [
+            Shipper(
+                sink, self.spool, self._writer, batch_size=self._batch_size,
+                batch_interval=self._batch_interval, retry_initial=self._retry[0],
+                retry_max=self._retry[1], on_progress=self._collect,
+            )
+            for sink in self.sinks
+        ]
+        for shipper in self._shippers:
+            shipper.start()
+        if self.chain.signs and self._checkpoint_interval > 0:
+            self._timer = asyncio.create_task(self._checkpoint_timer(), name="audit-checkpoints")
+
+    def emit_nowait(self, event: AuditEvent | Mapping[str, Any]) -> dict[str, Any]:
+        """Seal and queue an event for the next group commit; returns the sealed record."""
+        record, _ = self._append(event, urgent=False)
+        return record
+
+    async def emit(self, event: AuditEvent | Mapping[str, Any]) -> dict[str, Any]:
+        """Seal an event and return once it (and everything before it) is durable in the spool."""
+        record, committed = self._append(event, urgent=True)
+        try:
+            await committed
+        except OSError as exc:
+            raise AuditError(f"audit event {record['metadata']['uid']} not durable: {exc}") from exc
+        return record
+
+    async def flush(self) -> None:
+        """Wait until everything emitted so far is durable."""
+        if self._writer is not None:
+            await self._writer.flush()
+
+    def _append(
+        self, event: AuditEvent | Mapping[str, Any], urgent: bool
+    ) -> tuple[dict[str, Any], asyncio.Future[None]]:
+        if self._writer is None or self._closed:
+            raise AuditError("AuditLog is not running")
+        d = event.to_dict() if isinstance(event, AuditEvent) else dict(event)
+        record, line = self.chain.seal(d)
+        committed = self._writer.append(line, urgent=urgent)
+        self._since_checkpoint += 1
+        if self.chain.signs and self._since_checkpoint >= self._checkpoint_every:
+            self._checkpoint()
+        return record, committed
+
+    def _checkpoint(self) -> None:
+        if self._writer is None:
+            return
+        _record, line = self.chain.seal(self.chain.checkpoint(_time.time()))
+        self._writer.append(line)
+        self._since_checkpoint = 0
+
+    async def _checkpoint_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self._checkpoint_interval)
+            if self._since_checkpoint:
+                self._checkpoint()
+
+    def _collect(self) -> None:
+        with contextlib.suppress(OSError):
+            self.spool.gc([s.cursor for s in self._shippers])
+
+    async def close(self) -> None:
+        """Checkpoint, flush, give shippers ``drain_timeout`` to catch up, then stop them."""
+        if self._closed or self._writer is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+        if self.chain.signs and self._since_checkpoint:
+            self._checkpoint()
+        self._closed = True
+        await self._writer.close()
+        await asyncio.gather(*(s.stop(self._drain_timeout) for s in self._shippers))
+        for sink in self.sinks:
+            aclose = getattr(sink, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+        self._collect()
+        await asyncio.to_thread(self.spool.close)

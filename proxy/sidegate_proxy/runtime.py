@@ -1,0 +1,282 @@
+"""Assembles one proxy instance from a config: the only place that wires the pieces together.
+
+Both ``sidegate proxy --manifests`` and ``sidegate proxy --config`` end here, and so do the
+tests and the demo, so what they run is what a Deployment or a sidecar runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import signal
+import socket
+import ssl
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from .admin import admin_app
+from .audit import AuditLog
+from .config import ConfigError, ProxyConfig
+from .guardrails import Guard
+from .identity import Authenticator, WorkloadIdentity
+from .masking import MaskingEngine
+from .metrics import Metrics
+from .policy import check_access
+from .secrets import SecretMissing, SecretStore
+from .sinks import Sink, sinks_from_config
+from .tokenexchange import ISSUER_NAME, TokenIssuer, token_exchange_app
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Process-level settings (flags and environment), as opposed to policy (the config)."""
+
+    listen_host: str | None = None  # default: 127.0.0.1 in sidecar mode, 0.0.0.0 in gateway mode
+    listen_port: int | None = None  # default: the Connection's listen.port (0 picks a free one)
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = 9090  # None: no admin port
+    spool_dir: Path | None = None
+    audit_stdout: bool = True
+    extra_sinks: Sequence[Sink] = ()
+    audit_fsync: bool = True
+    chain_key: bytes | None = None
+    masking_key: bytes | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token_signing_key: bytes | None = None
+    token_issuer_url: str | None = None
+    workload_token_path: str = DEFAULT_TOKEN_PATH
+    instance_id: str = field(default_factory=socket.gethostname)
+
+
+def derive_key(secret: bytes, purpose: str) -> bytes:
+    """A per-purpose key from one secret (HKDF-style extract+expand with HMAC-SHA256)."""
+    prk = hmac.new(b"sidegate", secret, hashlib.sha256).digest()
+    return hmac.new(prk, purpose.encode() + b"\x01", hashlib.sha256).digest()
+
+
+def default_masking_key(config: ProxyConfig, secrets: SecretStore) -> bytes:
+    """The hash strategy must be stable across replicas and restarts and unknown to callers:
+    derived from the gateway-held credential of the Connection, which has both properties."""
+    ref = config.connection.credentials.secret_ref
+    material = b""
+    for key in ("password", "token", ref.key or "password"):
+        with contextlib.suppress(SecretMissing):
+            material = secrets.get(ref, key)
+            break
+    if not material:
+        raise SecretMissing(ref, "no password or token to derive the masking key from")
+    return derive_key(material + config.connection.ref.encode(), "masking")
+
+
+def server_ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+@dataclass
+class Components:
+    """Everything derived from one config; rebuilt as a whole when the config changes."""
+
+    config: ProxyConfig
+    authenticator: Authenticator
+    guard: Guard
+    masking: MaskingEngine
+    workload: WorkloadIdentity | None
+
+
+class ProxyRuntime:
+    """One running proxy: data listener, admin port, audit log; ``reload`` swaps policy for new
+    sessions without dropping the ones already open."""
+
+    def __init__(self, config: ProxyConfig, secrets: SecretStore, options: RuntimeOptions | None = None) -> None:
+        self.options = options or RuntimeOptions()
+        self.secrets = secrets
+        self.metrics = Metrics()
+        self.token_issuer: TokenIssuer | None = None
+        if self.options.token_signing_key:
+            url = self.options.token_issuer_url or f"https://sidegate.{config.connection.namespace}.svc"
+            self.token_issuer = TokenIssuer(self.options.token_signing_key, url, key_id="sidegate-1")
+        self.components = self.build(config)
+        self.audit: AuditLog | None = None
+        self._server: object | None = None
+        self._runners: list[web.AppRunner] = []
+        self._spool_tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.port: int | None = None
+        self.admin_port: int | None = None
+
+    @property
+    def config(self) -> ProxyConfig:
+        return self.components.config
+
+    def build(self, config: ProxyConfig) -> Components:
+        conn = config.connection
+        extra = []
+        key_sources = {}
+        if self.token_issuer is not None:
+            extra.append(self.token_issuer.as_issuer(conn.ref))
+            key_sources[ISSUER_NAME] = self.token_issuer.key_source()
+        authenticator = Authenticator(conn.identity, self.secrets, extra_issuers=extra, key_sources=key_sources)
+        masking_key = self.options.masking_key or default_masking_key(config, self.secrets)
+        workload = None
+        if conn.identity.workload:
+            workload = WorkloadIdentity(authenticator, path=self.options.workload_token_path)
+        return Components(
+            config=config,
+            authenticator=authenticator,
+            guard=Guard(conn),
+            masking=MaskingEngine(config.masking, masking_key),
+            workload=workload,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        conn = self.config.connection
+        opts = self.options
+        spool = opts.spool_dir
+        if spool is None:
+            self._spool_tmp = tempfile.TemporaryDirectory(prefix="sidegate-audit-")
+            spool = Path(self._spool_tmp.name)
+        sinks = [*sinks_from_config(conn.audit, self.secrets, stdout=opts.audit_stdout), *opts.extra_sinks]
+        chain_key = opts.chain_key or derive_key(default_masking_key(self.config, self.secrets), "audit-chain")
+        self.audit = AuditLog(spool, sinks, chain_key, opts.instance_id, fsync=opts.audit_fsync)
+        await self.audit.start()
+
+        host = opts.listen_host or ("127.0.0.1" if conn.mode == "sidecar" else "0.0.0.0")
+        port = conn.listen_port if opts.listen_port is None else opts.listen_port
+        tls = server_ssl_context(opts.tls_cert, opts.tls_key)
+        c = self.components
+        if conn.type == "postgres":
+            from .pgproxy import ProxyServer
+
+            server = ProxyServer(
+                self.config, self.secrets, authenticator=c.authenticator, guard=c.guard,
+                masking_engine=c.masking, audit_log=self.audit, host=host, port=port,
+                ssl_context=tls, metrics=self.metrics, workload=c.workload,
+            )
+            await server.start()
+            self._server = server
+            self.port = server.port
+        else:
+            from .httpproxy import HTTPProxy
+
+            http = HTTPProxy(
+                self.config, self.secrets, authenticator=c.authenticator, guard=c.guard,
+                masking=c.masking, audit=self.audit, metrics=self.metrics, workload=c.workload,
+            )
+            self._server = http
+            self.port = await self._serve(http.app(), host, port, tls)
+        if opts.admin_port is not None:
+            subapps = {}
+            if self.token_issuer is not None:
+                subapps["/v1"] = token_exchange_app(
+                    self.token_issuer,
+                    lambda ref: self.components.authenticator if ref == self.config.connection.ref else None,
+                    lambda caller, ref: check_access(self.config.connection, caller).allowed,
+                )
+            self.admin_port = await self._serve(
+                admin_app(self.metrics, self.ready, subapps=subapps), opts.admin_host, opts.admin_port, None
+            )
+        log.info("sidegate proxy for %s (%s) listening on %s:%s", conn.ref, conn.type, host, self.port)
+
+    async def _serve(self, app: web.Application, host: str, port: int, tls: ssl.SSLContext | None) -> int:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=tls, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    def ready(self) -> str | None:
+        if self._server is None or self.audit is None:
+            return "starting"
+        try:
+            self.secrets.get(self.config.connection.credentials.secret_ref,
+                             "token" if self.config.connection.type == "http" else "username")
+        except SecretMissing as exc:
+            return str(exc)
+        return None
+
+    async def reload(self, config: ProxyConfig) -> None:
+        """New sessions get the new policy; open sessions finish on the one they started with."""
+        if config.hash == self.config.hash:
+            return
+        old = self.components
+        self.components = self.build(config)
+        server = self._server
+        c = self.components
+        if hasattr(server, "reload"):
+            server.reload(config, authenticator=c.authenticator, guard=c.guard, masking_engine=c.masking,
+                          workload=c.workload)
+        log.info("config reloaded: %s -> %s", old.config.hash, config.hash)
+
+    async def close(self) -> None:
+        server = self._server
+        if server is not None and hasattr(server, "close"):
+            await server.close()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        await self.components.authenticator.aclose()
+        if self.audit is not None:
+            await self.audit.close()
+        if self._spool_tmp is not None:
+            self._spool_tmp.cleanup()
+
+
+async def watch_config(path: Path, runtime: ProxyRuntime, load: Callable[[Path], ProxyConfig],
+                       interval: float = 2.0) -> None:
+    """Reload when the mounted config changes (kubelet swaps Secret volumes atomically)."""
+    last = _stamp(path)
+    while True:
+        await asyncio.sleep(interval)
+        stamp = _stamp(path)
+        if stamp == last:
+            continue
+        last = stamp
+        try:
+            await runtime.reload(load(path))
+        except (ConfigError, OSError, ValueError) as exc:
+            log.error("config %s not reloaded, keeping the previous one: %s", path, exc)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
+async def run_until_signal(runtime: ProxyRuntime, *extra: asyncio.Task[None]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await runtime.start()
+    try:
+        await stop.wait()
+    finally:
+        for task in extra:
+            task.cancel()
+        await runtime.close()
