@@ -6,7 +6,7 @@ token-exchange endpoint can be mounted beside them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -15,8 +15,7 @@ from .metrics import Metrics
 ReadyCheck = Callable[[], str | None]  # None when ready, else the reason
 
 
-def admin_app(metrics: Metrics, ready: ReadyCheck, *, subapps: dict[str, web.Application] | None = None
-              ) -> web.Application:
+def admin_app(metrics: Metrics, ready: ReadyCheck, *, routes: Sequence[web.RouteDef] = ()) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -34,6 +33,5 @@ def admin_app(metrics: Metrics, ready: ReadyCheck, *, subapps: dict[str, web.App
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
-    for prefix, sub in (subapps or {}).items():
-        app.add_subapp(prefix, sub)
+    app.add_routes(routes)
     return app

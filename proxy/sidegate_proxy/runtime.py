@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .policy import check_access
 from .secrets import SecretMissing, SecretStore
 from .sinks import Sink, sinks_from_config
-from .tokenexchange import ISSUER_NAME, TokenIssuer, token_exchange_app
+from .tokenexchange import ISSUER_NAME, TokenIssuer, token_exchange_routes
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +184,15 @@ class ProxyRuntime:
             self._server = http
             self.port = await self._serve(http.app(), host, port, tls)
         if opts.admin_port is not None:
-            subapps = {}
+            routes: list[web.RouteDef] = []
             if self.token_issuer is not None:
-                subapps["/v1"] = token_exchange_app(
+                routes = token_exchange_routes(
                     self.token_issuer,
                     lambda ref: self.components.authenticator if ref == self.config.connection.ref else None,
                     lambda caller, ref: check_access(self.config.connection, caller).allowed,
                 )
             self.admin_port = await self._serve(
-                admin_app(self.metrics, self.ready, subapps=subapps), opts.admin_host, opts.admin_port, None
+                admin_app(self.metrics, self.ready, routes=routes), opts.admin_host, opts.admin_port, None
             )
         log.info("sidegate proxy for %s (%s) listening on %s:%s", conn.ref, conn.type, host, self.port)
 
