@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import ConfigError, ProxyConfig, load_config
 from .manifests import ManifestError, config_from_manifests
-from .runtime import ProxyRuntime, RuntimeOptions, run_until_signal, watch_config
+from .runtime import ProxyGroup, RuntimeOptions, run_until_signal, watch_config
 from .secrets import DirSecretStore, SecretMissing, SecretStore
 
 DEFAULT_SECRETS_DIR = "/var/run/sidegate/secrets"
@@ -37,7 +37,8 @@ def proxy_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifests", metavar="DIR", action="append",
                      help="folder (or file) of Connection, MaskingPolicy and v1 Secret YAML; repeatable")
-    src.add_argument("--config", metavar="FILE", help="the config the operator renders (config.json)")
+    src.add_argument("--config", metavar="FILE", action="append",
+                     help="the config the operator renders (config.json); repeat to serve several Connections")
     p.add_argument("--connection", metavar="NAME", help="the Connection to serve (with --manifests)")
     p.add_argument("--namespace", metavar="NS", help="the Connection's namespace, when the name is ambiguous")
     p.add_argument("--kubeconfig", metavar="FILE",
@@ -72,18 +73,19 @@ def run_proxy(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     secrets: SecretStore
-    config_path: Path | None = None
+    config_paths: list[Path] = []
     try:
         if args.manifests:
             if not args.connection:
                 print("sidegate proxy: --connection is required with --manifests", file=sys.stderr)
                 return 2
             config, mem = config_from_manifests(args.manifests, args.connection, args.namespace)
+            configs = [config]
             secrets = DirSecretStore(args.secrets_dir) if args.secrets_dir else mem
         else:
-            config_path = Path(args.config)
-            config = load_config_file(config_path)
-            secrets = DirSecretStore(args.secrets_dir or config.secrets_dir or DEFAULT_SECRETS_DIR)
+            config_paths = [Path(c) for c in args.config]
+            configs = [load_config_file(p) for p in config_paths]
+            secrets = DirSecretStore(args.secrets_dir or configs[0].secrets_dir or DEFAULT_SECRETS_DIR)
     except (ConfigError, ManifestError, OSError) as exc:
         print(f"sidegate proxy: {exc}", file=sys.stderr)
         return 1
@@ -105,12 +107,17 @@ def run_proxy(argv: list[str]) -> int:
         **({"workload_token_path": args.workload_token} if args.workload_token else {}),
     )
 
+    if listen_port is not None and len(configs) > 1:
+        print("sidegate proxy: --listen cannot be used with several --config", file=sys.stderr)
+        return 2
+
     async def main() -> None:
-        runtime = ProxyRuntime(config, secrets, options)
-        extra = []
-        if config_path is not None:
-            extra.append(asyncio.create_task(watch_config(config_path, runtime, load_config_file)))
-        await run_until_signal(runtime, *extra)
+        group = ProxyGroup(configs, secrets, options)
+        extra = [
+            asyncio.create_task(watch_config(path, runtime, load_config_file))
+            for path, runtime in zip(config_paths, group.runtimes, strict=False)
+        ]
+        await run_until_signal(group, *extra)
 
     try:
         asyncio.run(main())

@@ -17,7 +17,7 @@ import socket
 import ssl
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from aiohttp import web
@@ -29,7 +29,7 @@ from .guardrails import Guard
 from .identity import Authenticator, WorkloadIdentity
 from .masking import MaskingEngine
 from .metrics import Metrics
-from .policy import check_access
+from .policy import Caller, check_access
 from .secrets import SecretMissing, SecretStore
 from .sinks import Sink, sinks_from_config
 from .tokenexchange import ISSUER_NAME, TokenIssuer, token_exchange_routes
@@ -105,10 +105,11 @@ class ProxyRuntime:
     """One running proxy: data listener, admin port, audit log; ``reload`` swaps policy for new
     sessions without dropping the ones already open."""
 
-    def __init__(self, config: ProxyConfig, secrets: SecretStore, options: RuntimeOptions | None = None) -> None:
+    def __init__(self, config: ProxyConfig, secrets: SecretStore, options: RuntimeOptions | None = None,
+                 *, metrics: Metrics | None = None) -> None:
         self.options = options or RuntimeOptions()
         self.secrets = secrets
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
         self.token_issuer: TokenIssuer | None = None
         if self.options.token_signing_key:
             url = self.options.token_issuer_url or f"https://sidegate.{config.connection.namespace}.svc"
@@ -184,15 +185,9 @@ class ProxyRuntime:
             self._server = http
             self.port = await self._serve(http.app(), host, port, tls)
         if opts.admin_port is not None:
-            routes: list[web.RouteDef] = []
-            if self.token_issuer is not None:
-                routes = token_exchange_routes(
-                    self.token_issuer,
-                    lambda ref: self.components.authenticator if ref == self.config.connection.ref else None,
-                    lambda caller, ref: check_access(self.config.connection, caller).allowed,
-                )
             self.admin_port = await self._serve(
-                admin_app(self.metrics, self.ready, routes=routes), opts.admin_host, opts.admin_port, None
+                admin_app(self.metrics, self.ready, routes=exchange_routes([self])), opts.admin_host,
+                opts.admin_port, None,
             )
         log.info("sidegate proxy for %s (%s) listening on %s:%s", conn.ref, conn.type, host, self.port)
 
@@ -243,6 +238,75 @@ class ProxyRuntime:
             self._spool_tmp.cleanup()
 
 
+def exchange_routes(runtimes: Sequence[ProxyRuntime]) -> list[web.RouteDef]:
+    """``POST /v1/token`` for the Connections served here that have a token-signing key."""
+    issuing = [r for r in runtimes if r.token_issuer is not None]
+    if not issuing:
+        return []
+    by_ref = {r.config.connection.ref: r for r in runtimes}
+
+    def authenticator_for(ref: str) -> Authenticator | None:
+        r = by_ref.get(ref)
+        return r.components.authenticator if r is not None else None
+
+    def allowed(caller: Caller, ref: str) -> bool:
+        r = by_ref.get(ref)
+        return r is not None and check_access(r.config.connection, caller).allowed
+
+    assert issuing[0].token_issuer is not None
+    return token_exchange_routes(issuing[0].token_issuer, authenticator_for, allowed)
+
+
+class ProxyGroup:
+    """Several Connections in one process (a sidecar serving ``inject: "a,b"``): one listener and
+    one audit chain each, one shared admin port and metrics registry."""
+
+    def __init__(self, configs: Sequence[ProxyConfig], secrets: SecretStore, options: RuntimeOptions) -> None:
+        self.metrics = Metrics()
+        self.options = options
+        several = len(configs) > 1
+        self.runtimes = [
+            ProxyRuntime(
+                c, secrets,
+                replace(
+                    options,
+                    admin_port=None,
+                    spool_dir=(options.spool_dir / f"{c.connection.namespace}-{c.connection.name}"
+                               if several and options.spool_dir is not None else options.spool_dir),
+                    instance_id=f"{options.instance_id}/{c.connection.name}" if several else options.instance_id,
+                ),
+                metrics=self.metrics,
+            )
+            for c in configs
+        ]
+        self._admin: web.AppRunner | None = None
+        self.admin_port: int | None = None
+
+    def ready(self) -> str | None:
+        for r in self.runtimes:
+            reason = r.ready()
+            if reason is not None:
+                return f"{r.config.connection.ref}: {reason}"
+        return None
+
+    async def start(self) -> None:
+        for r in self.runtimes:
+            await r.start()
+        if self.options.admin_port is not None:
+            app = admin_app(self.metrics, self.ready, routes=exchange_routes(self.runtimes))
+            self._admin = web.AppRunner(app, access_log=None)
+            await self._admin.setup()
+            site = web.TCPSite(self._admin, self.options.admin_host, self.options.admin_port, reuse_address=True)
+            await site.start()
+            self.admin_port = self.options.admin_port
+
+    async def close(self) -> None:
+        if self._admin is not None:
+            await self._admin.cleanup()
+        for r in reversed(self.runtimes):
+            await r.close()
+
+
 async def watch_config(path: Path, runtime: ProxyRuntime, load: Callable[[Path], ProxyConfig],
                        interval: float = 2.0) -> None:
     """Reload when the mounted config changes (kubelet swaps Secret volumes atomically)."""
@@ -267,7 +331,7 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return (st.st_ino, st.st_mtime_ns)
 
 
-async def run_until_signal(runtime: ProxyRuntime, *extra: asyncio.Task[None]) -> None:
+async def run_until_signal(runtime: ProxyRuntime | ProxyGroup, *extra: asyncio.Task[None]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
