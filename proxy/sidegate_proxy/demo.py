@@ -120,6 +120,18 @@ def _banner(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
+def describe_event(ev: dict[str, Any]) -> str:
+    """One audit event as a terminal line: sequence, activity, who, decision, rule, command."""
+    u = ev.get("unmapped") or {}
+    actor = ((ev.get("actor") or {}).get("user") or {}).get("name", "-")
+    rule = (ev.get("policy") or {}).get("name") or ""
+    command = (ev.get("query_info") or {}).get("query_string") or ""
+    masked = u.get("masked") or {}
+    extra = f" masked={masked}" if masked else ""
+    return (f"#{ev.get('seq'):<3} {ev.get('activity_name', ''):<10} {actor:<40} {u.get('decision') or '':<16}"
+            f"{rule:<12} {command[:58]}{extra}")
+
+
 def build_demo(pg: LocalPostgres, issuer: LocalIssuer) -> tuple[Any, DictSecretStore]:
     docs = [d for d in yaml.safe_load_all(DEMO_MANIFESTS) if d]
     conn, policies = docs[0], docs[1:]
@@ -171,12 +183,7 @@ async def run_demo(once: bool, port: int | None) -> int:
             await asyncio.sleep(0.5)  # let the file sink's shipper catch up
             _banner(f"The audit trail ({audit_file})")
             for line in audit_file.read_text().splitlines():
-                ev = json.loads(line)
-                u = ev.get("unmapped", {})
-                actor = (ev.get("actor") or {}).get("user", {}).get("name", "-")
-                print(f"  #{ev.get('seq')} {ev.get('activity_name', ev.get('class_name', '')):<10} "
-                      f"{actor:<42} {u.get('decision', ''):<16} {u.get('rule') or '':<12} "
-                      f"{(u.get('command') or '')[:60]}")
+                print("  " + describe_event(json.loads(line)))
             from .auditverify import format_report, verify_files
 
             _banner("sidegate audit verify: the hash chain is intact")
