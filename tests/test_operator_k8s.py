@@ -460,3 +460,76 @@ async def test_restarted_operator_changes_nothing(kube: Kube, ns: str, harness: 
     assert await versions() == before
     conn = await wait_ready(kube, ns, "steady")
     assert conn["status"]["configHash"]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+async def test_rendered_config_enforces_policy_against_real_postgres(
+    kube: Kube, ns: str, postgres: Any, tmp_path: Path
+) -> None:
+    """What the operator renders, run by ``sidegate proxy --config`` with the Secrets laid out as
+    the kubelet mounts them, masks and blocks against a real PostgreSQL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from sidegate_proxy.demo import LocalIssuer
+    from sidegate_proxy.localpg import find_pg_bin, wait_port
+
+    issuer = LocalIssuer()
+    await kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pg-admin", "namespace": ns},
+                      "stringData": {"username": postgres.admin_user, "password": postgres.admin_password}})
+    await kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ci-jwks", "namespace": ns},
+                      "stringData": {"jwks.json": issuer.jwks().decode()}})
+    await kube.apply(masking(ns, "pii", "pg"))
+    await kube.apply(connection(
+        ns, "pg",
+        target={"host": postgres.host, "port": postgres.port, "database": postgres.database},
+        credentials={"secretRef": {"name": "pg-admin"}},
+        identity={"issuers": [{"name": "demo", "issuer": "https://issuer.demo.sidegate.local",
+                               "audiences": ["sidegate"], "jwksSecretRef": {"name": "ci-jwks", "key": "jwks.json"}}]},
+        guardrails=[{"name": "no-drop", "sql": {"statements": ["drop"]}, "action": "block"}],
+    ))
+    await wait_ready(kube, ns, "pg")
+    secret = await kube.get(resource_path("v1", "Secret", ns, "pg-sidegate-config"))
+    assert secret is not None
+    config_file = tmp_path / CONFIG_KEY
+    config_file.write_text(json.dumps(config_doc(secret)))
+    mounted = tmp_path / "secrets"
+    for name in ("pg-admin", "ci-jwks"):
+        obj = await kube.get(resource_path("v1", "Secret", ns, name))
+        assert obj is not None
+        (mounted / name).mkdir(parents=True)
+        for key, value in obj["data"].items():
+            (mounted / name / key).write_bytes(base64.b64decode(value))
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidegate_operator.cli", "proxy", "--config", str(config_file),
+         "--secrets-dir", str(mounted), "--listen", f"127.0.0.1:{port}", "--admin", "off"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+    def psql(sql: str) -> subprocess.CompletedProcess[str]:
+        token = issuer.mint("system:serviceaccount:ci:reporter")
+        return subprocess.run(
+            [str(find_pg_bin() / "psql"), "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "reporter",
+             "-d", postgres.database, "-c", sql],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, "PGPASSWORD": token, "PGCONNECT_TIMEOUT": "10"},
+        )
+
+    try:
+        await asyncio.to_thread(wait_port, "127.0.0.1", port, 30.0)
+        masked = await asyncio.to_thread(psql, "SELECT email FROM customers ORDER BY id LIMIT 1")
+        assert masked.returncode == 0, masked.stderr
+        assert masked.stdout.strip() == "[REDACTED]"
+        blocked = await asyncio.to_thread(psql, "DROP TABLE customers")
+        assert blocked.returncode != 0 and 'guardrail "no-drop"' in blocked.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.to_thread(proc.communicate, None, 30)
+    assert proc.returncode == 0, err
+    assert postgres.admin_password not in out + err
