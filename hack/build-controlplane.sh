@@ -7,15 +7,19 @@
 # and the build is skipped when they are all there already. The last line
 # printed on stdout is that bin directory.
 #
-# Needs only Go (go.mod's version or newer) and the Go module proxy. A cold
-# build takes about 15-20 minutes on a 2-core machine (see the report in
-# hack/controlplane/README.md); a warm Go build cache makes it much faster.
+# Needs only Go (go.mod's version or newer) and the Go module proxy. Measured on
+# a 2-core machine with empty Go module and build caches: 9m43s in all
+# (etcd 99s, kube-apiserver 373s, kube-controller-manager 96s, the rest module
+# downloads); about 2.8 GB of Go build cache and 0.6 GB of modules.
 #
 # Environment:
 #   SIDEGATE_CACHE        cache root (default: $HOME/.cache/sidegate)
 #   GO                    go binary (default: go on PATH, else /usr/local/go/bin/go)
 #   BUILD_JOBS            go build -p value (default: number of CPUs)
 #   FORCE=1               rebuild even when the binaries exist
+#
+# Usage: hack/build-controlplane.sh [--print-dir]
+#   --print-dir   only print the bin directory (no build)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,6 +48,11 @@ cache_root="${SIDEGATE_CACHE:-${HOME}/.cache/sidegate}"
 bindir="${cache_root}/controlplane/${k8s_version}/bin"
 binaries=(etcd kube-apiserver kube-controller-manager)
 
+if [[ "${1:-}" == "--print-dir" ]]; then
+  echo "${bindir}"
+  exit 0
+fi
+
 all_present() {
   local b
   for b in "${binaries[@]}"; do
@@ -66,7 +75,8 @@ trap 'rm -rf "${tmpdir}"' EXIT
 
 jobs="${BUILD_JOBS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}"
 export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
-export GOFLAGS="${GOFLAGS:+${GOFLAGS} }-mod=mod"
+# go.mod and go.sum are tidy and complete: build exactly what they pin.
+export GOFLAGS="${GOFLAGS:+${GOFLAGS} }-mod=readonly"
 export CGO_ENABLED="${CGO_ENABLED:-0}"
 
 echo "build-controlplane: building Kubernetes ${k8s_version} control plane into ${bindir} (go build -p ${jobs})" >&2
@@ -75,9 +85,20 @@ start="$(date +%s)"
   cd "${moddir}"
   "${go_bin}" version >&2
   "${go_bin}" mod download >&2
+  # Stamp the Kubernetes version the way upstream's hack/lib/version.sh does, so
+  # /version reports it instead of v0.0.0-master.
+  minor="${k8s_version#v1.}"
+  minor="${minor%%.*}"
+  version_ldflags=""
+  for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+    version_ldflags+=" -X ${pkg}.gitVersion=${k8s_version} -X ${pkg}.gitMajor=1"
+    version_ldflags+=" -X ${pkg}.gitMinor=${minor} -X ${pkg}.gitTreeState=clean"
+  done
   for b in "${binaries[@]}"; do
     b_start="$(date +%s)"
-    "${go_bin}" build -p "${jobs}" -trimpath -ldflags "-s -w" \
+    ldflags="-s -w"
+    [[ "${b}" == etcd ]] || ldflags+="${version_ldflags}"
+    "${go_bin}" build -p "${jobs}" -trimpath -ldflags "${ldflags}" \
       -o "${tmpdir}/${b}" "./cmd/${b}"
     echo "build-controlplane: built ${b} in $(( $(date +%s) - b_start ))s" >&2
   done

@@ -506,7 +506,7 @@ async def test_rendered_config_enforces_policy_against_real_postgres(
             (mounted / name / key).write_bytes(base64.b64decode(value))
 
     port = free_port()
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: ASYNC220 (a long-running server, not awaited)
         [sys.executable, "-m", "sidegate_operator.cli", "proxy", "--config", str(config_file),
          "--secrets-dir", str(mounted), "--listen", f"127.0.0.1:{port}", "--admin", "off"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

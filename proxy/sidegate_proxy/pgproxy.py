@@ -1,0 +1,1153 @@
+"""The PostgreSQL data plane: an asyncio server speaking the v3 protocol on both sides.
+
+A session is two loops over one state: the *client loop* reads frontend messages, decides
+(guardrails), and forwards; the *server loop* reads backend messages, masks DataRows, audits
+results and writes everything the client sees. Every message sent upstream that will be answered
+pushes an expectation on a FIFO, so the server loop knows which request each response belongs to
+(the protocol answers strictly in order, pipelining included).
+
+The upstream stays the authority on protocol and transaction state: a blocked statement is not
+answered by the proxy out of band, it is replaced by a *poison* statement (a syntax error) that
+the upstream rejects exactly where the real one would have failed, and the proxy rewrites that
+error into its own. A blocked statement therefore aborts the transaction it was in, a pipeline is
+skipped until Sync, and ReadyForQuery always carries the server's real transaction status.
+
+Decisions in brief (see also the module docstrings of guardrails, masking and pgcatalog):
+
+* Client identity: the password is a JWT (``AuthenticationCleartextPassword``: serve TLS with
+  ``ssl_context``); sidecar ``identity.workload`` uses the pod's own token and asks for nothing.
+* Startup parameters forwarded upstream: ``application_name``, ``client_encoding`` (UTF8 or
+  SQL_ASCII only, since statement text is checked as UTF-8), ``DateStyle``, ``TimeZone``,
+  ``IntervalStyle``, ``extra_float_digits``. Not ``options`` (it sets arbitrary GUCs, roles
+  included, invisible to guardrails) and never ``replication``.
+* A session whose upstream reports ``standard_conforming_strings=off`` or a client encoding that
+  is not ASCII-compatible UTF-8 is closed: the classifier could read strings differently.
+* Fast-path ``FunctionCall`` is refused (it calls functions by OID, past every SQL rule).
+* Audit: one event per statement of a simple Query (statements that never ran because an earlier
+  one failed are not reported), one per Execute in the extended protocol; blocked statements are
+  spooled (``await emit``) before the client sees the error.
+* COPY TO STDOUT with masking active: refused (42501) when the copied relation has a masked
+  column or cannot be resolved, otherwise every data line goes through the detectors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import logging
+import secrets as _secrets
+import ssl
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from . import pgwire
+from .audit import AuditLog, command_event, session_end, session_start
+from .config import Connection, ProxyConfig
+from .guardrails import Guard, SQLVerdict
+from .httpproxy import upstream_ssl
+from .identity import Authenticator, AuthError, WorkloadIdentity
+from .masking import ColumnOrigin, ColumnPlan, Masker, MaskingEngine, MaskingError, strictest
+from .metrics import Metrics
+from .pgauth import METHODS, AuthFailed, UpstreamLogin, salted_password
+from .pgcatalog import Catalog, CatalogError, Origin
+from .pgwire import (
+    Bind,
+    CancelRequest,
+    Close,
+    CommandComplete,
+    CopyData,
+    CopyDone,
+    CopyFail,
+    CopyResponse,
+    DataRow,
+    Describe,
+    EmptyQueryResponse,
+    ErrorResponse,
+    Execute,
+    Flush,
+    FunctionCall,
+    GSSENCRequest,
+    Message,
+    NoData,
+    NoticeResponse,
+    NotificationResponse,
+    ParameterDescription,
+    ParameterStatus,
+    Parse,
+    PasswordMessage,
+    PortalSuspended,
+    ProtocolError,
+    Query,
+    ReadyForQuery,
+    RowDescription,
+    SSLRequest,
+    StartupMessage,
+    Sync,
+    Terminate,
+)
+from .policy import Caller, Decision, check_access
+from .secrets import SecretMissing, SecretStore
+
+__all__ = ["ProxyServer", "ProxySettings", "UpstreamError", "open_upstream"]
+
+log = logging.getLogger(__name__)
+
+PROTOCOL: Final = "postgres"
+READ_SIZE = 256 * 1024
+MAX_PASSWORD = 64 * 1024  # a JWT, before anyone is authenticated
+CATALOG_TIMEOUT = 10.0
+FORWARDED_PARAMS = ("application_name", "DateStyle", "TimeZone", "IntervalStyle", "extra_float_digits")
+SAFE_ENCODINGS = frozenset({"UTF8", "UTF-8", "UNICODE", "SQL_ASCII"})
+# A statement PostgreSQL rejects at parse time: sent upstream in place of a blocked one.
+POISON_SQL = "sidegate: statement blocked by the gateway"
+
+
+class UpstreamError(Exception):
+    """The target could not be reached or logged in to; ``str()`` is safe to show a client."""
+
+    def __init__(self, message: str, kind: str = "connect", sqlstate: str = "08006") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.sqlstate = sqlstate
+
+
+class _Closed(Exception):
+    """The session ends (client or upstream went away, Terminate, FATAL)."""
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    handshake_timeout: float = 15.0  # TLS + startup + token, before anything upstream happens
+    connect_timeout: float = 10.0
+    idle_timeout: float | None = None  # seconds without a client message; None: no limit
+    max_message: int = pgwire.MAX_MESSAGE
+    upstream_auth: frozenset[str] = METHODS  # like libpq's require_auth
+    catalog_connections: int = 2
+    catalog_ttl: float = 300.0
+
+
+# --------------------------------------------------------------------------- upstream connections
+
+
+@dataclass
+class Upstream:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    parser: pgwire.BackendParser
+    key: tuple[int, int] | None
+    status: list[Message]  # ParameterStatus and notices of the login, to replay to the client
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+def _upstream_tls(connection: Connection, secrets: SecretStore) -> ssl.SSLContext | None:
+    if connection.target.tls.mode == "disable":
+        return None
+    ctx = upstream_ssl(connection, secrets)
+    return ctx if isinstance(ctx, ssl.SSLContext) else ssl.create_default_context()
+
+
+async def open_upstream(
+    connection: Connection,
+    secrets: SecretStore,
+    params: Mapping[str, str],
+    *,
+    settings: ProxySettings,
+    derive: Callable[[bytes, bytes, int], bytes] = salted_password,
+) -> Upstream:
+    """Connect to the target and log in with the gateway-held credential (SCRAM, md5, password).
+
+    Returns after ReadyForQuery. Raises ``UpstreamError`` with a message that never includes the
+    credential; the upstream's own error text is only passed on after a successful login.
+    """
+    target = connection.target
+    ref = connection.credentials.secret_ref
+    try:
+        user = secrets.get(ref, "username").decode()
+        password = secrets.get(ref, "password").decode()
+        tls = _upstream_tls(connection, secrets)
+    except (SecretMissing, UnicodeDecodeError, ssl.SSLError, ValueError) as exc:
+        log.error("credentials for %s unusable: %s", connection.ref, exc)
+        raise UpstreamError("sidegate: the gateway's credentials for the target are unavailable",
+                            "secret") from None
+    host, port = str(target.host), int(target.port or 5432)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), settings.connect_timeout)
+    except (OSError, TimeoutError) as exc:
+        log.warning("upstream %s:%s unreachable: %s", host, port, exc)
+        raise UpstreamError("sidegate: the target database is unreachable") from None
+    try:
+        if tls is not None:
+            writer.write(pgwire.ssl_request())
+            answer = await asyncio.wait_for(reader.readexactly(1), settings.connect_timeout)
+            if answer != b"S":
+                raise UpstreamError("sidegate: the target does not support TLS", "tls")
+            await asyncio.wait_for(
+                writer.start_tls(tls, server_hostname=host if tls.check_hostname else None),
+                settings.connect_timeout,
+            )
+        startup = {"user": user, "database": str(target.database), **params}
+        writer.write(pgwire.startup_message(startup))
+        login = UpstreamLogin(user, password, allowed=settings.upstream_auth, derive=derive)
+        parser = pgwire.BackendParser(settings.max_message)
+        key: tuple[int, int] | None = None
+        status: list[Message] = []
+        while True:
+            data = await asyncio.wait_for(reader.read(READ_SIZE), settings.connect_timeout)
+            if not data:
+                raise UpstreamError("sidegate: the target closed the connection during login")
+            for msg in parser.feed(data):
+                if isinstance(msg, pgwire.Authentication):
+                    out = login.feed(msg)
+                    if out:
+                        writer.write(out)
+                elif isinstance(msg, ErrorResponse):
+                    if not login.done:
+                        log.warning("upstream login for %s refused: %s %s", connection.ref, msg.sqlstate,
+                                    msg.message)
+                        raise UpstreamError("sidegate: the gateway could not log in to the target", "auth")
+                    raise UpstreamError(f"sidegate: the target refused the session: {msg.message}", "refused",
+                                        msg.sqlstate or "08006")
+                elif isinstance(msg, pgwire.BackendKeyData):
+                    key = (msg.pid, msg.secret)
+                elif isinstance(msg, ReadyForQuery):
+                    if not login.done:
+                        raise UpstreamError("sidegate: the target skipped authentication", "auth")
+                    return Upstream(reader, writer, parser, key, status)
+                elif isinstance(msg, ParameterStatus | NoticeResponse):
+                    status.append(msg)
+                else:
+                    raise _unexpected(msg)
+            await writer.drain()
+    except AuthFailed as exc:
+        writer.close()
+        log.warning("upstream login for %s failed: %s", connection.ref, exc)
+        raise UpstreamError("sidegate: the gateway could not log in to the target", "auth") from None
+    except ProtocolError as exc:
+        writer.close()
+        raise UpstreamError(f"sidegate: protocol error from the target: {exc}", "protocol") from None
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+        writer.close()
+        log.warning("upstream %s:%s failed during login: %r", host, port, exc)
+        kind = "tls" if isinstance(exc, ssl.SSLError) else "connect"
+        raise UpstreamError("sidegate: the target database is unreachable", kind) from None
+    except BaseException:
+        writer.close()
+        raise
+
+
+class _CatalogPool:
+    """The gateway's own connections for catalog lookups (never a client's session)."""
+
+    def __init__(self, connect: Callable[[], Awaitable[Upstream]], size: int) -> None:
+        self._connect = connect
+        self._idle: list[Upstream] = []
+        self._slots = asyncio.Semaphore(max(1, size))
+
+    async def run(self, sql: str) -> list[list[str | None]]:
+        async with self._slots:
+            up = self._idle.pop() if self._idle else None
+            try:
+                if up is None:
+                    up = await self._connect()
+                rows = await _simple_query(up, sql)
+            except (UpstreamError, OSError, ProtocolError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                if up is not None:
+                    up.close()
+                raise CatalogError(f"catalog lookup failed: {exc}") from None
+            except CatalogError:
+                assert up is not None
+                self._idle.append(up)  # an SQL error leaves the connection usable
+                raise
+            self._idle.append(up)
+            return rows
+
+    def close(self) -> None:
+        for up in self._idle:
+            up.close()
+        self._idle.clear()
+
+
+async def _simple_query(up: Upstream, sql: str) -> list[list[str | None]]:
+    up.writer.write(pgwire.query(sql))
+    await up.writer.drain()
+    rows: list[list[str | None]] = []
+    error: str | None = None
+    while True:
+        data = await asyncio.wait_for(up.reader.read(READ_SIZE), CATALOG_TIMEOUT)
+        if not data:
+            raise UpstreamError("catalog connection closed")
+        for msg in up.parser.feed(data):
+            if isinstance(msg, DataRow):
+                rows.append([None if v is None else v.decode("utf-8", "replace") for v in msg.values()])
+            elif isinstance(msg, ErrorResponse):
+                error = f"{msg.sqlstate} {msg.message}"
+            elif isinstance(msg, ReadyForQuery):
+                if error is not None:
+                    raise CatalogError(error)
+                return rows
+
+
+# --------------------------------------------------------------------------- per-session policy
+
+
+@dataclass(frozen=True)
+class _Policy:
+    """Everything one session enforces, fixed when it starts (``reload`` makes a new one)."""
+
+    config: ProxyConfig
+    authenticator: Authenticator
+    guard: Guard
+    masking: MaskingEngine | None
+    workload: WorkloadIdentity | None
+    catalog: Catalog | None
+
+    @property
+    def connection(self) -> Connection:
+        return self.config.connection
+
+
+ApprovalHook = Callable[["Session", str, SQLVerdict], Awaitable[Decision]]
+
+
+# --------------------------------------------------------------------------- expectations
+
+
+@dataclass
+class _Statement:
+    sql: str
+    verdict: SQLVerdict
+
+
+@dataclass
+class _Portal:
+    statement: _Statement | None
+    formats: tuple[int, ...]
+    plan: ColumnPlan | None = None
+
+
+@dataclass
+class _Pending:
+    """A request sent upstream whose responses are still to come."""
+
+    kind: str  # query parse bind describe inject execute close sync
+    replace_error: bytes | None = None  # poison: the upstream's error is replaced by this one
+    portal: _Portal | None = None
+    describe_portal: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    # simple Query bookkeeping
+    verdict: SQLVerdict | None = None
+    index: int = 0
+    plan: ColumnPlan | None = None
+    masked: dict[str, int] = field(default_factory=dict)
+    copy_scan: bool = False
+
+
+# --------------------------------------------------------------------------- the session
+
+
+class Session:
+    """One client connection: authentication, the upstream, and the two loops."""
+
+    def __init__(self, server: ProxyServer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.policy = server._policy
+        self.reader = reader
+        self.writer = writer
+        self.id = uuid.uuid4().hex
+        peer = writer.get_extra_info("peername")
+        self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
+        self.caller: Caller | None = None
+        self.masker: Masker | None = None
+        self.upstream: Upstream | None = None
+        self.key: tuple[int, int] | None = None
+        self.fparser = pgwire.FrontendParser(server.settings.max_message)
+        self.pending: deque[_Pending] = deque()
+        self.statements: dict[str, _Statement] = {}
+        self.portals: dict[str, _Portal] = {}
+        self.prepared: dict[str, str] = {}  # SQL-level PREPARE name -> text
+        self.skip_until_sync = False
+        self.started = time.perf_counter()
+        self.commands = 0
+        self.database: str | None = None
+
+    @property
+    def connection(self) -> Connection:
+        return self.policy.connection
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        metrics = self.server.metrics
+        labels = (self.connection.name, PROTOCOL)
+        if metrics:
+            metrics.sessions.labels(*labels).inc()
+        try:
+            if not await self._handshake():
+                return
+            await self._relay()
+        except ProtocolError as exc:
+            log.info("session %s: protocol error from client: %s", self.id, exc)
+            self._fatal("08P01", f"sidegate: protocol violation: {exc}")
+        except UpstreamError as exc:
+            if metrics:
+                metrics.upstream_errors.labels(*labels, exc.kind).inc()
+            self._fatal(exc.sqlstate, str(exc))
+        except (_Closed, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except TimeoutError:
+            self._fatal("57P05" if self.caller else "08006", "sidegate: session timed out")
+        except Exception:
+            log.exception("session %s failed", self.id)
+            self._fatal("XX000", "sidegate: internal error")
+        finally:
+            if metrics:
+                metrics.sessions.labels(*labels).dec()
+            await self._finish()
+
+    def _fatal(self, sqlstate: str, message: str) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(pgwire.error_response("FATAL", sqlstate, message))
+
+    async def _finish(self) -> None:
+        if self.key is not None:
+            self.server._cancel_keys.pop(self.key[0], None)
+        if self.upstream is not None:
+            self.upstream.close()
+            if self.caller is not None:
+                self._audit_nowait(session_end(
+                    session_id=self.id, connection=self.connection.ref, connection_type=PROTOCOL,
+                    caller=self.caller, duration_ms=(time.perf_counter() - self.started) * 1000,
+                    commands=self.commands, client=self.client, target=self._target(), database=self.database,
+                ))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.drain(), 1.0)
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+    def _target(self) -> str:
+        t = self.connection.target
+        return f"{t.host}:{t.port}"
+
+    def _audit_nowait(self, event: Any) -> None:
+        try:
+            self.server.audit.emit_nowait(event)
+        except Exception:
+            log.exception("audit event lost for session %s", self.id)
+
+    # ------------------------------------------------------------------ startup
+
+    async def _read_startup(self) -> list[Message]:
+        data = await self.reader.read(pgwire.MAX_STARTUP)
+        if not data:
+            raise _Closed
+        return self.fparser.feed(data)
+
+    async def _handshake(self) -> bool:
+        timeout = self.server.settings.handshake_timeout
+        async with asyncio.timeout(timeout):
+            startup: StartupMessage | None = None
+            queued: list[Message] = []
+            while startup is None:
+                msgs = await self._read_startup()
+                while msgs:
+                    msg = msgs.pop(0)
+                    if isinstance(msg, SSLRequest | GSSENCRequest):
+                        if msgs or self.fparser.pending:
+                            raise ProtocolError("data received after an encryption request")
+                        await self._encryption(msg)
+                    elif isinstance(msg, CancelRequest):
+                        await self.server._cancel(msg.pid, msg.secret)
+                        return False
+                    elif isinstance(msg, StartupMessage):
+                        startup, queued = msg, msgs
+                        break
+            if queued:
+                raise ProtocolError("messages received before authentication")
+            return await self._authenticate(startup)
+
+    async def _encryption(self, msg: Message) -> None:
+        ctx = self.server.ssl_context
+        if isinstance(msg, GSSENCRequest) or ctx is None:
+            self.writer.write(b"N")
+            await self.writer.drain()
+            return
+        if self.writer.get_extra_info("ssl_object") is not None:
+            raise ProtocolError("SSLRequest on an encrypted connection")
+        buffered = getattr(self.reader, "_buffer", b"")
+        if buffered:  # CVE-2021-23214: plaintext injected before the TLS handshake
+            raise ProtocolError("data received after an encryption request")
+        self.writer.write(b"S")
+        await self.writer.drain()
+        await self.writer.start_tls(ctx)
+
+    async def _authenticate(self, startup: StartupMessage) -> bool:
+        params = startup.params
+        user = params.get("user")
+        if not user:
+            self._fatal("28000", "sidegate: no user name in the startup packet")
+            return False
+        if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
+            self._fatal("28000", "sidegate: replication connections are not supported")
+            return False
+        database = params.get("database") or user
+        target_db = self.connection.target.database
+        if database not in (target_db, user):
+            self._fatal("3D000", f'sidegate: database "{database}" is not served here (use "{target_db}")')
+            return False
+        self.database = target_db
+        unsupported = [k for k in params if k.startswith("_pq_.")]
+        if startup.minor != 0 or unsupported:
+            self.writer.write(pgwire.negotiate_protocol_version(0, unsupported))
+        policy = self.policy
+        metrics = self.server.metrics
+        try:
+            if policy.workload is not None:
+                caller = await policy.workload.caller()
+            else:
+                self.writer.write(pgwire.authentication_cleartext_password())
+                await self.writer.drain()
+                self.fparser.max_length = MAX_PASSWORD  # nobody is authenticated yet
+                token = await self._password()
+                self.fparser.max_length = self.server.settings.max_message
+                caller = await policy.authenticator.authenticate(token)
+        except AuthError as exc:
+            log.info("session %s: authentication refused for user %s: %s", self.id, user, exc)
+            if metrics:
+                metrics.auth_failures.labels(self.connection.name, PROTOCOL, exc.reason[:40]).inc()
+            await self._refuse(None, Decision("block", "authentication", exc.reason), user)
+            return False
+        decision = check_access(self.connection, caller)
+        if not decision.allowed:
+            if metrics:
+                metrics.auth_failures.labels(self.connection.name, PROTOCOL, "access").inc()
+            await self._refuse(caller, decision, user)
+            return False
+        self.caller = caller
+        masker = policy.masking.for_caller(caller) if policy.masking is not None else None
+        self.masker = masker if masker is not None and masker.active else None
+
+        forwarded = {k: params[k] for k in FORWARDED_PARAMS if k in params}
+        encoding = params.get("client_encoding")
+        if encoding is not None and encoding.upper() in SAFE_ENCODINGS:
+            forwarded["client_encoding"] = encoding
+        self.upstream = await self.server._open_upstream(policy.connection, forwarded)
+        up = self.upstream
+        self.key = self.server._register(self, up.key)
+        await self.server.audit.emit(session_start(
+            session_id=self.id, connection=self.connection.ref, connection_type=PROTOCOL, caller=caller,
+            decision=decision, client=self.client, target=self._target(), database=self.database,
+        ))
+        out = [pgwire.authentication_ok()]
+        for msg in up.status:
+            if isinstance(msg, ParameterStatus):
+                self._check_parameter(msg)
+            out.append(msg.raw)
+        out.append(pgwire.backend_key_data(*self.key))
+        out.append(pgwire.ready_for_query(b"I"))
+        self.writer.write(b"".join(out))
+        await self.writer.drain()
+        return True
+
+    async def _password(self) -> str:
+        while True:
+            msgs = await self._read_startup()
+            if not msgs:
+                continue
+            if len(msgs) != 1 or not isinstance(msgs[0], PasswordMessage):
+                raise ProtocolError("expected a password message")
+            try:
+                return msgs[0].password()
+            except ProtocolError:
+                raise AuthError("malformed password message") from None
+
+    async def _refuse(self, caller: Caller | None, decision: Decision, user: str) -> None:
+        """No upstream connection is ever opened for a refused caller."""
+        with contextlib.suppress(Exception):
+            await self.server.audit.emit(session_start(
+                session_id=self.id, connection=self.connection.ref, connection_type=PROTOCOL, caller=caller,
+                decision=decision, client=self.client, target=self._target(), database=self.database,
+            ))
+        self._fatal("28P01", f'sidegate: authentication failed for user "{user}"')
+
+    def _check_parameter(self, msg: ParameterStatus) -> None:
+        """Settings that would make the classifier read statement text differently end the session."""
+        if msg.name == "standard_conforming_strings" and msg.value != "on":
+            raise UpstreamError("sidegate: standard_conforming_strings must stay on", "protocol", "0A000")
+        if msg.name == "client_encoding" and msg.value.upper() not in SAFE_ENCODINGS:
+            raise UpstreamError("sidegate: client_encoding must be UTF8", "protocol", "0A000")
+
+    # ------------------------------------------------------------------ relaying
+
+    async def _relay(self) -> None:
+        assert self.upstream is not None
+        client = asyncio.create_task(self._client_loop(), name=f"pg-client-{self.id[:8]}")
+        server = asyncio.create_task(self._server_loop(), name=f"pg-server-{self.id[:8]}")
+        try:
+            done, _ = await asyncio.wait({client, server}, return_when=asyncio.FIRST_COMPLETED)
+            if client in done and client.exception() is None:
+                # the client left (Terminate or EOF): let in-flight responses be written, briefly
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(server), 0.5)
+            for task in done:
+                exc = task.exception()
+                if exc is not None:
+                    raise exc
+        finally:
+            for task in (client, server):
+                task.cancel()
+            await asyncio.gather(client, server, return_exceptions=True)
+
+    async def _client_loop(self) -> None:
+        up = self.upstream
+        assert up is not None
+        idle = self.server.settings.idle_timeout
+        while True:
+            if idle:
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE), idle)
+            else:
+                data = await self.reader.read(READ_SIZE)
+            if not data:
+                return
+            for msg in self.fparser.feed(data):
+                if isinstance(msg, Terminate):
+                    up.writer.write(msg.raw)
+                    with contextlib.suppress(Exception):
+                        await up.writer.drain()
+                    return
+                await self._on_frontend(msg)
+            await up.writer.drain()
+
+    def _send(self, data: bytes, pending: _Pending | None = None) -> None:
+        assert self.upstream is not None
+        if pending is not None:
+            self.pending.append(pending)
+        self.upstream.writer.write(data)
+
+    async def _on_frontend(self, msg: Message) -> None:
+        if self.skip_until_sync and not isinstance(msg, Sync):
+            return  # discarded, like the server does after an error in an extended-protocol batch
+        if isinstance(msg, Query):
+            await self._on_query(msg)
+        elif isinstance(msg, Parse):
+            await self._on_parse(msg)
+        elif isinstance(msg, Bind):
+            self._on_bind(msg)
+        elif isinstance(msg, Execute):
+            self._send(msg.raw, _Pending("execute", portal=self.portals.get(msg.portal)))
+        elif isinstance(msg, Describe):
+            self._send(msg.raw, _Pending("describe", describe_portal=msg.name if msg.kind == "P" else None))
+        elif isinstance(msg, Close):
+            (self.statements if msg.kind == "S" else self.portals).pop(msg.name, None)
+            self._send(msg.raw, _Pending("close"))
+        elif isinstance(msg, Sync):
+            self.skip_until_sync = False
+            self._send(msg.raw, _Pending("sync"))
+        elif isinstance(msg, Flush | CopyData | CopyDone | CopyFail):
+            self._send(msg.raw)
+        elif isinstance(msg, FunctionCall):
+            decision = Decision("block", "builtin-fastpath", "fast-path function calls are not allowed")
+            await self._audit_blocked("<fast-path function call>", decision, None)
+            self._send(pgwire.query(POISON_SQL), _Pending("query", replace_error=self._block_error(decision)))
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__} message")
+
+    # ---- decisions
+
+    async def _decide(self, sql: str) -> tuple[SQLVerdict, Decision]:
+        assert self.caller is not None
+        verdict = self.policy.guard.check_sql(self.caller, sql, self.prepared)
+        decision = verdict.decision
+        if decision.action == "requireApproval":
+            hook = self.server.on_approval_required
+            decision = await hook(self, sql, verdict) if hook is not None else decision
+        if decision.allowed and self.masker is not None and "copy_to" in verdict.commands:
+            decision = await self._copy_decision(verdict)
+        return verdict, decision
+
+    async def _copy_decision(self, verdict: SQLVerdict) -> Decision:
+        """COPY TO STDOUT cannot be masked by column: allowed only for relations without masked
+        columns (data lines still go through the detectors)."""
+        assert self.masker is not None
+        catalog = self.policy.catalog
+        refused = Decision("block", "masking-copy", "COPY TO of data with masked columns is not allowed")
+        if catalog is None or not verdict.tables:
+            return refused
+        if await self._reads_masked(verdict.tables) is not None:
+            return refused
+        return verdict.decision
+
+    async def _reads_masked(self, tables: frozenset[str] | set[str]) -> Any:
+        """The strictest masking rule a statement reading ``tables`` touches (None: none); an
+        unresolvable name counts as touching every rule (fail closed)."""
+        assert self.masker is not None
+        masker = self.masker
+        catalog = self.policy.catalog
+        if catalog is None:
+            return masker.touches_masked(tables)
+        try:
+            reads = await catalog.reads_of(tables)
+        except CatalogError:
+            return masker.touches_masked(tables)
+        rules = []
+        for name, sources in reads.items():
+            if sources is None:
+                rules.append(masker.touches_masked([name]))
+                continue
+            by_table: dict[str, list[str]] = {}
+            for s in sources:
+                by_table.setdefault(f"{s.schema}.{s.table}", []).append(s.column)
+            rules.extend(masker.touches_masked([t], cols) for t, cols in by_table.items())
+        return strictest(rules)
+
+    def _block_error(self, decision: Decision) -> bytes:
+        reason = decision.reason or decision.action
+        verb = "approval required" if decision.action == "requireApproval" else "blocked"
+        if not reason.startswith(verb):
+            reason = f'{verb} by guardrail "{decision.rule}": {reason}'
+        hint = None
+        if decision.action == "requireApproval":
+            hint = "ask an approver to review an AccessRequest for this statement"
+        return pgwire.error_response("ERROR", "42501", f"sidegate: {reason}", hint=hint)
+
+    async def _audit_blocked(self, sql: str, decision: Decision, verdict: SQLVerdict | None) -> None:
+        """Spooled durably before the client is told."""
+        self.commands += 1
+        event = command_event(
+            session_id=self.id, connection=self.connection.ref, connection_type=PROTOCOL, caller=self.caller,
+            command=sql, decision=decision, command_class=_command_class(verdict), sqlstate="42501",
+            client=self.client, target=self._target(), database=self.database,
+        )
+        await self.server.audit.emit(event)
+        if self.server.metrics:
+            self.server.metrics.commands.labels(self.connection.name, PROTOCOL, decision.action).inc()
+
+    def _track_prepared(self, verdict: SQLVerdict) -> None:
+        for st in verdict.statements:
+            if "prepare" in st.commands and st.prepared_name:
+                self.prepared[st.prepared_name] = st.text
+            elif "deallocate" in st.commands:
+                if st.prepared_name is None:
+                    self.prepared.clear()
+                else:
+                    self.prepared.pop(st.prepared_name, None)
+            elif "discard" in st.commands:
+                self.prepared.clear()
+
+    async def _on_query(self, msg: Query) -> None:
+        verdict, decision = await self._decide(msg.sql)
+        if not decision.allowed:
+            await self._audit_blocked(msg.sql, decision, verdict)
+            self._send(pgwire.query(POISON_SQL), _Pending("query", replace_error=self._block_error(decision)))
+            return
+        self._track_prepared(verdict)
+        self._send(msg.raw, _Pending("query", verdict=verdict))
+
+    async def _on_parse(self, msg: Parse) -> None:
+        verdict, decision = await self._decide(msg.sql)
+        if not decision.allowed:
+            await self._audit_blocked(msg.sql, decision, verdict)
+            poison = _Pending("parse", replace_error=self._block_error(decision))
+            self._send(pgwire.parse("", POISON_SQL), poison)
+            self.skip_until_sync = True
+            return
+        self._track_prepared(verdict)
+        self.statements[msg.name] = _Statement(msg.sql, verdict)
+        self._send(msg.raw, _Pending("parse"))
+
+    def _on_bind(self, msg: Bind) -> None:
+        portal = _Portal(self.statements.get(msg.statement), msg.result_formats)
+        self.portals[msg.portal] = portal
+        self._send(msg.raw, _Pending("bind"))
+        if self.masker is not None:
+            # the portal's columns and formats, for masking its rows: asked for by the proxy
+            # itself (the client may never Describe) and swallowed in the server loop
+            self._send(pgwire.describe("P", msg.portal), _Pending("inject", portal=portal))
+
+    # ------------------------------------------------------------------ server loop
+
+    async def _server_loop(self) -> None:
+        up = self.upstream
+        assert up is not None
+        while True:
+            data = await up.reader.read(READ_SIZE)
+            if not data:
+                raise UpstreamError("sidegate: the target closed the connection", "closed", "08006")
+            for msg in up.parser.feed(data):
+                await self._on_backend(msg)
+            await self.writer.drain()
+
+    def _write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def _on_backend(self, msg: Message) -> None:
+        if isinstance(msg, DataRow):  # the hot path first
+            p = self.pending[0] if self.pending else None
+            plan = None if p is None else p.plan if p.kind == "query" else p.portal.plan if p.portal else None
+            if plan is None:
+                self._write(msg.raw)
+            else:
+                self._write(self._mask_row(plan, msg, p))
+            return
+        if isinstance(msg, NoticeResponse | NotificationResponse):
+            self._write(msg.raw)
+            return
+        if isinstance(msg, ParameterStatus):
+            self._check_parameter(msg)
+            self._write(msg.raw)
+            return
+        if not self.pending:
+            if isinstance(msg, ErrorResponse):  # e.g. FATAL admin shutdown
+                self._write(msg.raw)
+                raise _Closed
+            raise _unexpected(msg)
+        p = self.pending[0]
+        if isinstance(msg, ErrorResponse):
+            await self._on_error(p, msg)
+        elif p.kind == "query":
+            await self._on_query_response(p, msg)
+        elif p.kind == "execute":
+            self._on_execute_response(p, msg)
+        elif p.kind in ("describe", "inject"):
+            await self._on_describe_response(p, msg)
+        else:
+            expected = {"parse": pgwire.ParseComplete, "bind": pgwire.BindComplete,
+                        "close": pgwire.CloseComplete, "sync": ReadyForQuery}[p.kind]
+            if not isinstance(msg, expected):
+                raise _unexpected(msg)
+            self._write(msg.raw)
+            self.pending.popleft()
+
+    def _mask_row(self, plan: ColumnPlan, msg: DataRow, p: _Pending | None) -> bytes:
+        try:
+            values, counts = plan.apply(msg.values())
+        except (MaskingError, ProtocolError) as exc:
+            raise UpstreamError(f"sidegate: a result row could not be masked: {exc}", "masking",
+                                "XX000") from None
+        if counts and p is not None:
+            for rule, n in counts.items():
+                p.masked[rule] = p.masked.get(rule, 0) + n
+        return pgwire.data_row(values)
+
+    async def _plan(self, fields: Sequence[pgwire.Field], verdict: SQLVerdict | None) -> ColumnPlan | None:
+        """The masking plan of one result set: origins from the catalog, fail closed for unknown
+        columns when the statement reads a masked column."""
+        masker = self.masker
+        if masker is None:
+            return None
+        catalog = self.policy.catalog
+        pairs = [(f.table_oid, f.attnum) for f in fields]
+        origins: list[Origin]
+        if catalog is None:
+            origins = [Origin(o, a) for o, a in pairs]
+        else:
+            try:
+                origins = catalog.cached(pairs) or await catalog.resolve(pairs)
+            except CatalogError as exc:
+                log.warning("session %s: column origins unknown: %s", self.id, exc)
+                origins = [Origin(o, a) for o, a in pairs]
+        columns = [
+            ColumnOrigin(
+                name=f.name, table_oid=f.table_oid, attnum=f.attnum, type_oid=f.type_oid,
+                format=f.format,
+                schema=o.source.schema if o.source else None, table=o.source.table if o.source else None,
+                column=o.source.column if o.source else None,
+            )
+            for f, o in zip(fields, origins, strict=True)
+        ]
+        reads: Any = None
+        if not all(c.known for c in columns):
+            tables = set(verdict.tables) if verdict is not None else set()
+            tables.update(o.view for o in origins if o.view is not None)
+            if tables:
+                reads = await self._reads_masked(tables)
+            elif verdict is None:
+                reads = True  # nothing known about the statement: fail closed
+        plan = masker.plan_columns(columns, query_reads_masked=reads)
+        return plan if plan.active else None
+
+    async def _on_query_response(self, p: _Pending, msg: Message) -> None:
+        if isinstance(msg, RowDescription):
+            p.plan = await self._plan(msg.fields, p.verdict)
+            self._write(msg.raw)
+        elif isinstance(msg, CommandComplete | EmptyQueryResponse):
+            self._write(msg.raw)
+            self._statement_done(p, msg.rows if isinstance(msg, CommandComplete) else None, None)
+        elif isinstance(msg, CopyResponse):
+            p.copy_scan = msg.type == b"H" and self.masker is not None
+            self._write(msg.raw)
+        elif isinstance(msg, CopyData):
+            self._write(self._scan_copy(msg, p) if p.copy_scan else msg.raw)
+        elif isinstance(msg, CopyDone):
+            self._write(msg.raw)
+        elif isinstance(msg, ReadyForQuery):
+            self._write(msg.raw)
+            self.pending.popleft()
+        else:
+            raise _unexpected(msg)
+
+    def _scan_copy(self, msg: CopyData, p: _Pending) -> bytes:
+        assert self.masker is not None
+        text = bytes(msg.data).decode("utf-8", "surrogateescape")
+        masked, counts = self.masker.mask_text(text)
+        for rule, n in counts.items():
+            p.masked[rule] = p.masked.get(rule, 0) + n
+        return msg.raw if masked is text else pgwire.copy_data(masked.encode("utf-8", "surrogateescape"))
+
+    def _statement_done(self, p: _Pending, rows: int | None, sqlstate: str | None) -> None:
+        """One statement of a simple Query finished: audit it, reset the per-result state."""
+        verdict = p.verdict
+        statements = verdict.statements if verdict is not None else ()
+        if p.index < len(statements):
+            st = statements[p.index]
+            text, command_class = st.text, ",".join(sorted(st.commands))
+        else:
+            text, command_class = (verdict.classified.text if verdict else ""), None
+        decision = verdict.decision if verdict is not None else Decision("allow")
+        self._audit_command(text, decision, command_class, p, rows, sqlstate)
+        p.index += 1
+        p.plan = None
+        p.masked = {}
+        p.started = time.perf_counter()
+
+    def _audit_command(self, text: str, decision: Decision, command_class: str | None, p: _Pending,
+                       rows: int | None, sqlstate: str | None) -> None:
+        elapsed = time.perf_counter() - p.started
+        self.commands += 1
+        self._audit_nowait(command_event(
+            session_id=self.id, connection=self.connection.ref, connection_type=PROTOCOL, caller=self.caller,
+            command=text, decision=decision, command_class=command_class, masked=p.masked, rows=rows,
+            duration_ms=elapsed * 1000, sqlstate=sqlstate, client=self.client, target=self._target(),
+            database=self.database,
+        ))
+        metrics = self.server.metrics
+        if metrics:
+            metrics.commands.labels(self.connection.name, PROTOCOL, decision.action).inc()
+            metrics.latency.labels(self.connection.name, PROTOCOL).observe(elapsed)
+            for rule, n in p.masked.items():
+                metrics.masked.labels(self.connection.name, PROTOCOL, rule).inc(n)
+
+    def _on_execute_response(self, p: _Pending, msg: Message) -> None:
+        if isinstance(msg, CommandComplete | EmptyQueryResponse | PortalSuspended):
+            self._write(msg.raw)
+            self.pending.popleft()
+            self._execute_done(p, msg.rows if isinstance(msg, CommandComplete) else None, None)
+        elif isinstance(msg, CopyResponse):
+            p.copy_scan = msg.type == b"H" and self.masker is not None
+            self._write(msg.raw)
+        elif isinstance(msg, CopyData):
+            self._write(self._scan_copy(msg, p) if p.copy_scan else msg.raw)
+        elif isinstance(msg, CopyDone):
+            self._write(msg.raw)
+        else:
+            raise _unexpected(msg)
+
+    def _execute_done(self, p: _Pending, rows: int | None, sqlstate: str | None) -> None:
+        st = p.portal.statement if p.portal is not None else None
+        if st is None:
+            self._audit_command("<unknown portal>", Decision("allow"), None, p, rows, sqlstate)
+            return
+        self._audit_command(st.sql, st.verdict.decision, _command_class(st.verdict), p, rows, sqlstate)
+
+    async def _on_describe_response(self, p: _Pending, msg: Message) -> None:
+        inject = p.kind == "inject"
+        if isinstance(msg, ParameterDescription):
+            if not inject:
+                self._write(msg.raw)
+            return
+        if isinstance(msg, RowDescription):
+            portal = p.portal
+            if inject and portal is not None:
+                verdict = portal.statement.verdict if portal.statement else None
+                portal.plan = await self._plan(msg.fields, verdict)
+        elif not isinstance(msg, NoData):
+            raise _unexpected(msg)
+        if not inject:
+            self._write(msg.raw)
+        self.pending.popleft()
+
+    async def _on_error(self, p: _Pending, msg: ErrorResponse) -> None:
+        self._write(p.replace_error if p.replace_error is not None else msg.raw)
+        if msg.severity in ("FATAL", "PANIC"):
+            raise _Closed
+        if p.kind == "query":
+            if p.replace_error is None:
+                self._statement_done(p, None, msg.sqlstate)
+            p.plan = None
+            return  # ReadyForQuery follows
+        if p.kind == "execute" and p.replace_error is None:
+            self._execute_done(p, None, msg.sqlstate)
+        # extended protocol: the server skips everything up to the next Sync
+        while self.pending and self.pending[0].kind != "sync":
+            self.pending.popleft()
+
+
+def _unexpected(msg: Message) -> UpstreamError:
+    return UpstreamError(f"sidegate: unexpected {type(msg).__name__} from the target", "protocol", "08P01")
+
+
+def _command_class(verdict: SQLVerdict | None) -> str | None:
+    if verdict is None:
+        return None
+    return ",".join(sorted(verdict.commands)) or None
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class ProxyServer:
+    """The PostgreSQL listener of one Connection.
+
+    ``reload`` swaps the policy for new sessions; sessions already open keep the one they started
+    with. ``on_approval_required(session, sql, verdict) -> Decision`` is the hook the approval
+    flow plugs into (it may hold the statement); without it, requireApproval refuses at once.
+    """
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        secrets: SecretStore,
+        *,
+        authenticator: Authenticator,
+        guard: Guard,
+        masking_engine: MaskingEngine | None,
+        audit_log: AuditLog,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        metrics: Metrics | None = None,
+        workload: WorkloadIdentity | None = None,
+        settings: ProxySettings | None = None,
+        on_approval_required: ApprovalHook | None = None,
+    ) -> None:
+        self.secrets = secrets
+        self.audit = audit_log
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.metrics = metrics
+        self.settings = settings or ProxySettings()
+        self.on_approval_required = on_approval_required
+        self.upstream_connects = 0  # logins for client sessions (tests check refusals open none)
+        self._derive = functools.lru_cache(maxsize=64)(salted_password)
+        self._server: asyncio.Server | None = None
+        self._sessions: set[asyncio.Task[None]] = set()
+        self._cancel_keys: dict[int, tuple[int, Session]] = {}
+        self._catalog_pools: list[_CatalogPool] = []
+        self._policy = self._make_policy(config, authenticator, guard, masking_engine, workload)
+
+    def _make_policy(self, config: ProxyConfig, authenticator: Authenticator, guard: Guard,
+                     masking: MaskingEngine | None, workload: WorkloadIdentity | None) -> _Policy:
+        catalog = None
+        if masking is not None and config.masking:
+            conn = config.connection
+            pool = _CatalogPool(
+                lambda: open_upstream(conn, self.secrets, {"application_name": "sidegate-catalog"},
+                                      settings=self.settings, derive=self._derive),
+                self.settings.catalog_connections,
+            )
+            self._catalog_pools.append(pool)
+            catalog = Catalog(pool.run, ttl=self.settings.catalog_ttl)
+        return _Policy(config, authenticator, guard, masking, workload, catalog)
+
+    @property
+    def config(self) -> ProxyConfig:
+        return self._policy.config
+
+    def reload(
+        self,
+        config: ProxyConfig,
+        *,
+        authenticator: Authenticator | None = None,
+        guard: Guard | None = None,
+        masking_engine: MaskingEngine | None = None,
+        workload: WorkloadIdentity | None = None,
+    ) -> None:
+        """New sessions get ``config``; open sessions keep the policy they started with."""
+        old = self._policy
+        self._policy = self._make_policy(
+            config,
+            authenticator or old.authenticator,
+            guard or Guard(config.connection),
+            masking_engine if masking_engine is not None else old.masking,
+            workload if workload is not None
+            else old.workload if config.connection.identity.workload else None,
+        )
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, self.host, self.port, limit=READ_SIZE)
+        sockets = self._server.sockets or ()
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+        for pool in self._catalog_pools:
+            pool.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        try:
+            await Session(self, reader, writer).run()
+        finally:
+            self._sessions.discard(task)
+
+    async def _open_upstream(self, connection: Connection, params: Mapping[str, str]) -> Upstream:
+        self.upstream_connects += 1
+        return await open_upstream(connection, self.secrets, params, settings=self.settings,
+                                   derive=self._derive)
+
+    # ------------------------------------------------------------------ cancellation
+
+    def _register(self, session: Session, upstream_key: tuple[int, int] | None) -> tuple[int, int]:
+        """A client-visible (pid, secret), never the upstream's, mapped to the session."""
+        while True:
+            pid = _secrets.randbelow(2**31 - 2) + 1
+            if pid not in self._cancel_keys:
+                break
+        secret = _secrets.randbits(32) - 2**31
+        self._cancel_keys[pid] = (secret, session)
+        return pid, secret
+
+    async def _cancel(self, pid: int, secret: int) -> None:
+        entry = self._cancel_keys.get(pid)
+        if entry is None or not hmac.compare_digest(entry[0].to_bytes(4, "big", signed=True),
+                                                    secret.to_bytes(4, "big", signed=True)):
+            return  # like PostgreSQL: no answer either way
+        session = entry[1]
+        up = session.upstream
+        if up is None or up.key is None:
+            return
+        target = session.connection.target
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(str(target.host), int(target.port or 5432)),
+                self.settings.connect_timeout,
+            )
+        except (OSError, TimeoutError):
+            return
+        try:
+            writer.write(pgwire.cancel_request(*up.key))
+            await writer.drain()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reader.read(1), self.settings.connect_timeout)
+        finally:
+            writer.close()
