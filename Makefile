@@ -39,3 +39,4 @@ clean:
 	rm -rf $(VENV) build *.egg-info
 
 include Makefile.controlplane
+-include Makefile.e2e

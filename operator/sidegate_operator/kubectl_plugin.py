@@ -9,61 +9,43 @@ never changes, so a modified plugin or a plain ``kubectl patch`` gains nothing.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from typing import Any
 
-from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from sidegate_proxy.kube import ACCESS_REQUESTS, KubeClient, KubeConfig, KubeConfigError, KubeError
 
-GROUP, VERSION, PLURAL = "sidegate.dev", "v1alpha1", "accessrequests"
-
-
-def _api(kubeconfig: str | None, context: str | None) -> client.ApiClient:
-    config.load_kube_config(config_file=kubeconfig, context=context)
-    return client.ApiClient()
+SELF_SUBJECT_REVIEWS = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
 
 
-def _namespace(explicit: str | None, kubeconfig: str | None, context: str | None) -> str:
-    if explicit:
-        return explicit
-    try:
-        _, active = config.list_kube_config_contexts(config_file=kubeconfig)
-        ctx = active if context is None else {"context": {}}
-        return str((ctx.get("context") or {}).get("namespace") or "default")
-    except (config.ConfigException, OSError):
-        return "default"
-
-
-def whoami(api: client.ApiClient) -> str:
+async def whoami(kube: KubeClient) -> str:
     """The authenticated username, as the API server sees it."""
     body = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
-    resp = api.call_api(
-        "/apis/authentication.k8s.io/v1/selfsubjectreviews", "POST", body=body,
-        response_type="object", auth_settings=["BearerToken"], _return_http_data_only=True,
-    )
-    return str(resp["status"]["userInfo"]["username"])
+    answer = await kube.request("POST", SELF_SUBJECT_REVIEWS, body=body)
+    return str(((answer.get("status") or {}).get("userInfo") or {}).get("username") or "")
 
 
-def review(api: client.ApiClient, namespace: str, name: str, decision: str, comment: str | None) -> dict[str, Any]:
-    reviewer = whoami(api)
-    patch: dict[str, Any] = {"spec": {"review": {"decision": decision, "reviewer": reviewer}}}
+async def review(kube: KubeClient, namespace: str, name: str, decision: str,
+                 comment: str | None) -> dict[str, Any]:
+    reviewer = await whoami(kube)
+    verdict: dict[str, Any] = {"decision": decision, "reviewer": reviewer}
     if comment:
-        patch["spec"]["review"]["comment"] = comment
-    custom = client.CustomObjectsApi(api)
-    result: dict[str, Any] = custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)
-    return result
+        verdict["comment"] = comment
+    return await kube.merge_patch(ACCESS_REQUESTS, namespace, name, {"spec": {"review": verdict}})
 
 
-def pending(api: client.ApiClient, namespace: str | None) -> list[dict[str, Any]]:
-    custom = client.CustomObjectsApi(api)
+async def pending(kube: KubeClient, namespace: str | None) -> list[dict[str, Any]]:
     if namespace:
-        items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        items = (await kube.list(ACCESS_REQUESTS, namespace)).items
     else:
-        items = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
-    return [i for i in items if (i.get("status") or {}).get("phase", "Pending") == "Pending"]
+        everywhere = await kube.request("GET", ACCESS_REQUESTS.path(None))
+        items = tuple(everywhere.get("items") or [])
+    return [i for i in items
+            if (i.get("status") or {}).get("phase", "Pending") == "Pending"
+            and not ((i.get("spec") or {}).get("review") or {}).get("decision")]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubectl sidegate", description="Review Sidegate AccessRequests.")
     p.add_argument("--kubeconfig")
     p.add_argument("--context")
@@ -76,37 +58,38 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("pending", help="AccessRequests waiting for a review")
     s.add_argument("-n", "--namespace")
     s.add_argument("-A", "--all-namespaces", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        api = _api(args.kubeconfig, args.context)
-    except (config.ConfigException, OSError) as exc:
-        print(f"kubectl sidegate: cannot load kubeconfig: {exc}", file=sys.stderr)
-        return 1
-    try:
+    return p
+
+
+async def _run(args: argparse.Namespace, config: KubeConfig) -> int:
+    async with KubeClient(config, user_agent="kubectl-sidegate") as kube:
+        ns = args.namespace or config.namespace
         if args.command == "pending":
-            ns = None if args.all_namespaces else _namespace(args.namespace, args.kubeconfig, args.context)
-            rows = pending(api, ns)
+            rows = await pending(kube, None if args.all_namespaces else ns)
             print(f"{'NAMESPACE':<16} {'NAME':<40} {'CONNECTION':<20} {'REQUESTER':<48} STATEMENT")
             for r in rows:
                 spec = r.get("spec") or {}
+                what = spec.get("statement") or f"session {spec.get('duration', '')}"
                 print(f"{r['metadata']['namespace']:<16} {r['metadata']['name']:<40} "
-                      f"{spec.get('connection', ''):<20} {spec.get('requester', ''):<48} "
-                      f"{(spec.get('statement') or spec.get('scope', ''))[:60]}")
+                      f"{spec.get('connection', ''):<20} {spec.get('requester', ''):<48} {what[:60]}")
             return 0
-        ns = _namespace(args.namespace, args.kubeconfig, args.context)
         decision = "Approved" if args.command == "approve" else "Denied"
-        review(api, ns, args.name, decision, args.comment)
+        await review(kube, ns, args.name, decision, args.comment)
         print(f"accessrequest.sidegate.dev/{args.name} {decision.lower()}")
         return 0
-    except ApiException as exc:
-        message = exc.reason
-        try:
-            import json
 
-            message = json.loads(exc.body).get("message", message)
-        except (TypeError, ValueError):
-            pass
-        print(f"kubectl sidegate: {message}", file=sys.stderr)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = KubeConfig.load(args.kubeconfig, args.context)
+    except (KubeConfigError, OSError) as exc:
+        print(f"kubectl sidegate: cannot load kubeconfig: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(_run(args, config))
+    except KubeError as exc:
+        print(f"kubectl sidegate: {exc.message or exc}", file=sys.stderr)
         return 1
 
 
