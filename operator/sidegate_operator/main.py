@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from . import __version__, connection, maskingpolicy, webhook
+from . import __version__, accessrequest, connection, maskingpolicy, review_admission, webhook
 from .kube import ClusterAccess, Kube, OperatorContext
 
 DEFAULT_IMAGE = f"ghcr.io/sidegate/sidegate:{__version__}"
@@ -103,8 +103,10 @@ def make_registry(options: OperatorOptions, access: ClusterAccess) -> kopf.Opera
 
     connection.register(registry)
     maskingpolicy.register(registry)
+    accessrequest.register(registry)
     if options.webhook:
         webhook.register(registry)
+        review_admission.register(registry)
     return registry
 
 

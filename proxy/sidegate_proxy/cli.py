@@ -42,7 +42,8 @@ def proxy_parser() -> argparse.ArgumentParser:
     p.add_argument("--connection", metavar="NAME", help="the Connection to serve (with --manifests)")
     p.add_argument("--namespace", metavar="NS", help="the Connection's namespace, when the name is ambiguous")
     p.add_argument("--kubeconfig", metavar="FILE",
-                   help="accepted for compatibility; Secrets are read from the manifests or --secrets-dir")
+                   help="API server for approvals (AccessRequests) and Kubernetes Events "
+                        "(default: in-cluster when available)")
     p.add_argument("--secrets-dir", metavar="DIR",
                    help=f"mounted Secrets as DIR/<secret>/<key> (default with --config: {DEFAULT_SECRETS_DIR})")
     p.add_argument("--listen", metavar="[HOST:]PORT", help="override the listen address")
@@ -104,6 +105,7 @@ def run_proxy(argv: list[str]) -> int:
         token_signing_key=_read_optional(args.token_signing_key),
         token_issuer_url=args.token_issuer,
         masking_key=_read_optional(args.masking_key_file),
+        kubeconfig=args.kubeconfig,
         **({"workload_token_path": args.workload_token} if args.workload_token else {}),
     )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import ssl
@@ -33,7 +34,8 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .audit import AuditError, AuditLog, http_request_event
+from .approvals import ApprovalBroker
+from .audit import ApprovalRef, AuditError, AuditLog, http_request_event
 from .config import Connection, ProxyConfig, TLSConfig
 from .guardrails import Guard
 from .identity import Authenticator, AuthError, WorkloadIdentity
@@ -388,11 +390,13 @@ class HTTPProxy:
         metrics: Metrics,
         workload: WorkloadIdentity | None = None,
         settings: HTTPSettings | None = None,
+        approvals: ApprovalBroker | None = None,
     ) -> None:
         self.secrets = secrets
         self.audit = audit
         self.metrics = metrics
         self.settings = settings or HTTPSettings()
+        self.approvals = approvals
         self.policy = Policy(config, authenticator, guard, masking, workload)
         self._sessions: dict[TLSConfig, aiohttp.ClientSession] = {}
 
@@ -509,7 +513,24 @@ class HTTPProxy:
         if decision.action == "block":
             return problem(403, "blocked", "Blocked by guardrail", decision.reason, rule=decision.rule)
         if decision.action == "requireApproval":
-            return problem(403, "approval-required", "Approval required", decision.reason, rule=decision.rule)
+            if self.approvals is None:
+                return problem(403, "approval-required", "Approval required", decision.reason, rule=decision.rule)
+            if body is None and request.body_exists:
+                try:
+                    body = await self._read_limited(request.content, self.settings.max_inspect_bytes)
+                except BodyTooLarge:
+                    return problem(413, "body-too-large", "Request body too large",
+                                   "a request that needs approval is bound to its body, which is too large")
+            statement = approval_statement(method, request.rel_url.raw_path_qs, body)
+            outcome = await self.approvals.authorize(
+                caller, statement, request.headers.get("X-Sidegate-Reason"), record.request_id
+            )
+            if not outcome.allowed:
+                record.reason = outcome.message
+                return problem(403, "approval-required", "Approval required", outcome.message, rule=decision.rule,
+                               accessRequest=outcome.request_name)
+            record.approval = outcome.approval
+            record.decision = Decision("allow", decision.rule, f"approved in AccessRequest {outcome.request_name}")
 
         try:
             cred = credential_headers(conn, self.secrets)
@@ -761,6 +782,7 @@ class HTTPProxy:
             duration_ms=elapsed * 1000.0,
             client=request.remote,
             reason=request.headers.get("X-Sidegate-Reason") or record.reason or None,
+            approval=record.approval,
         )
         try:
             if record.decision.action == "allow":
@@ -771,10 +793,19 @@ class HTTPProxy:
             log.error("connection %s: audit event lost: %s", conn.ref, exc)
 
 
+def approval_statement(method: str, target: str, body: bytes | None) -> str:
+    """What an HTTP approval is bound to: method, path and query, and a digest of the body, so an
+    approval of one request body does not authorise another."""
+    statement = f"{method.upper()} {target}"
+    if body:
+        statement += f" body:sha256:{hashlib.sha256(body).hexdigest()}"
+    return statement
+
+
 class RequestRecord:
     """What one request did, filled in as it goes, turned into its audit event at the end."""
 
-    __slots__ = ("caller", "decision", "masked", "reason", "request", "request_id", "started", "status")
+    __slots__ = ("approval", "caller", "decision", "masked", "reason", "request", "request_id", "started", "status")
 
     def __init__(self, request: web.Request, started: float) -> None:
         self.request = request
@@ -783,5 +814,6 @@ class RequestRecord:
         self.caller: Caller | None = None
         self.decision: Decision = Decision("block", "identity", "unauthenticated")
         self.masked: dict[str, int] = {}
+        self.approval: ApprovalRef | None = None
         self.reason = ""
         self.status = 0

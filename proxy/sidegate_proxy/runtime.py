@@ -23,10 +23,13 @@ from pathlib import Path
 from aiohttp import web
 
 from .admin import admin_app
+from .approvals import ApprovalBroker, pg_approval_hook
 from .audit import AuditLog
 from .config import ConfigError, ProxyConfig
 from .guardrails import Guard
 from .identity import Authenticator, WorkloadIdentity
+from .kube import KubeClient, KubeConfig, KubeConfigError
+from .kubeevents import KubeEventSink
 from .masking import MaskingEngine
 from .metrics import Metrics
 from .policy import Caller, check_access
@@ -58,6 +61,8 @@ class RuntimeOptions:
     token_signing_key: bytes | None = None
     token_issuer_url: str | None = None
     workload_token_path: str = DEFAULT_TOKEN_PATH
+    kubeconfig: str | None = None  # approvals and Kubernetes Events; default: in-cluster when there
+    kube: KubeConfig | None = None  # an already-loaded API config (tests), instead of kubeconfig
     instance_id: str = field(default_factory=socket.gethostname)
 
 
@@ -116,6 +121,7 @@ class ProxyRuntime:
             self.token_issuer = TokenIssuer(self.options.token_signing_key, url, key_id="sidegate-1")
         self.components = self.build(config)
         self.audit: AuditLog | None = None
+        self.kube: KubeClient | None = None
         self._server: object | None = None
         self._runners: list[web.AppRunner] = []
         self._spool_tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -155,7 +161,10 @@ class ProxyRuntime:
         if spool is None:
             self._spool_tmp = tempfile.TemporaryDirectory(prefix="sidegate-audit-")
             spool = Path(self._spool_tmp.name)
+        self.kube = self._kube_client()
         sinks = [*sinks_from_config(conn.audit, self.secrets, stdout=opts.audit_stdout), *opts.extra_sinks]
+        if self.kube is not None and conn.audit.kubernetes_events:
+            sinks.append(KubeEventSink(self.kube, conn, instance=opts.instance_id))
         chain_key = opts.chain_key or derive_key(default_masking_key(self.config, self.secrets), "audit-chain")
         self.audit = AuditLog(spool, sinks, chain_key, opts.instance_id, fsync=opts.audit_fsync)
         await self.audit.start()
@@ -171,6 +180,7 @@ class ProxyRuntime:
                 self.config, self.secrets, authenticator=c.authenticator, guard=c.guard,
                 masking_engine=c.masking, audit_log=self.audit, host=host, port=port,
                 ssl_context=tls, metrics=self.metrics, workload=c.workload,
+                on_approval_required=pg_approval_hook(self.approvals) if self.approvals else None,
             )
             await server.start()
             self._server = server
@@ -181,6 +191,7 @@ class ProxyRuntime:
             http = HTTPProxy(
                 self.config, self.secrets, authenticator=c.authenticator, guard=c.guard,
                 masking=c.masking, audit=self.audit, metrics=self.metrics, workload=c.workload,
+                approvals=self.approvals,
             )
             self._server = http
             self.port = await self._serve(http.app(), host, port, tls)
@@ -200,6 +211,26 @@ class ProxyRuntime:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         return int(sockets[0].getsockname()[1]) if sockets else port
+
+    def _kube_client(self) -> KubeClient | None:
+        """The API server, when there is one: approvals and Events need it; without it a
+        requireApproval guardrail refuses at once and Events are skipped."""
+        cfg = self.options.kube
+        if cfg is None:
+            try:
+                cfg = KubeConfig.load(self.options.kubeconfig) if self.options.kubeconfig else KubeConfig.in_cluster()
+            except KubeConfigError as exc:
+                if self.options.kubeconfig:
+                    raise
+                log.info("no Kubernetes API (%s): approvals refuse at once, no Kubernetes Events", exc)
+                return None
+        return KubeClient(cfg)
+
+    @property
+    def approvals(self) -> ApprovalBroker | None:
+        if self.kube is None:
+            return None
+        return ApprovalBroker(self.kube, self.config.connection)
 
     def ready(self) -> str | None:
         if self._server is None or self.audit is None:
@@ -234,6 +265,8 @@ class ProxyRuntime:
         await self.components.authenticator.aclose()
         if self.audit is not None:
             await self.audit.close()
+        if self.kube is not None:
+            await self.kube.close()
         if self._spool_tmp is not None:
             self._spool_tmp.cleanup()
 
