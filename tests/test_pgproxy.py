@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+
 from pg_fixtures import MD5_PASSWORD, MD5_USER, PG, PW_PASSWORD, PW_USER, ProxyUnderTest, run_proxy
 
 pytestmark = pytest.mark.postgres
@@ -75,21 +76,21 @@ async def test_asyncpg_results_equal_direct(postgres: PG, tmp_path: Path) -> Non
 
 
 async def test_psycopg_server_side_binding(postgres: PG, tmp_path: Path) -> None:
-    async with run_proxy(postgres, tmp_path, guardrails=GUARDRAILS) as p:
-        async with await psycopg.AsyncConnection.connect(p.dsn()) as via, \
-                await psycopg.AsyncConnection.connect(postgres.dsn) as ref:
-            for sql, args in QUERIES:
-                q = sql.replace("$1", "%s")
-                got = await (await via.execute(q, args, prepare=True)).fetchall()
-                assert got == await (await ref.execute(q, args)).fetchall()
-                got = await (await via.execute(q, args, binary=True)).fetchall()
-                assert got == await (await ref.execute(q, args, binary=True)).fetchall()
-            async with via.cursor() as cur:  # pipeline mode: several statements before one Sync
-                async with via.pipeline():
-                    await cur.execute("SELECT 1")
-                    await cur.execute("SELECT %s::int", (2,))
-                    await cur.execute("SELECT count(*) FROM orders")
-                assert await cur.fetchone() == (300,)
+    async with run_proxy(postgres, tmp_path, guardrails=GUARDRAILS) as p, \
+            await psycopg.AsyncConnection.connect(p.dsn()) as via, \
+            await psycopg.AsyncConnection.connect(postgres.dsn) as ref:
+        for sql, args in QUERIES:
+            q = sql.replace("$1", "%s")
+            got = await (await via.execute(q, args, prepare=True)).fetchall()
+            assert got == await (await ref.execute(q, args)).fetchall()
+            got = await (await via.execute(q, args, binary=True)).fetchall()
+            assert got == await (await ref.execute(q, args, binary=True)).fetchall()
+        async with via.cursor() as cur:  # pipeline mode: several statements before one Sync
+            async with via.pipeline():
+                await cur.execute("SELECT 1")
+                await cur.execute("SELECT %s::int", (2,))
+                await cur.execute("SELECT count(*) FROM orders")
+            assert await cur.fetchone() == (300,)
 
 
 async def test_psql_single_and_multi_statement(postgres: PG, tmp_path: Path) -> None:
@@ -181,29 +182,29 @@ async def test_require_approval_message(postgres: PG, tmp_path: Path) -> None:
 
 
 async def test_block_inside_transaction_aborts_it(postgres: PG, tmp_path: Path) -> None:
-    async with run_proxy(postgres, tmp_path, guardrails=GUARDRAILS) as p:
-        async with await psycopg.AsyncConnection.connect(p.dsn()) as conn:
-            await conn.execute("INSERT INTO tmp_import VALUES (777)")  # autocommit off: a transaction
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                await conn.execute("DROP TABLE tmp_import")
-            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
-            with pytest.raises(psycopg.errors.InFailedSqlTransaction):
-                await conn.execute("SELECT 1")
-            await conn.rollback()
-            assert await (await conn.execute("SELECT count(*) FROM tmp_import WHERE id = 777")).fetchone() == (0,)
+    async with run_proxy(postgres, tmp_path, guardrails=GUARDRAILS) as p, \
+            await psycopg.AsyncConnection.connect(p.dsn()) as conn:
+        await conn.execute("INSERT INTO tmp_import VALUES (777)")  # autocommit off: a transaction
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await conn.execute("DROP TABLE tmp_import")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            await conn.execute("SELECT 1")
+        await conn.rollback()
+        assert await (await conn.execute("SELECT count(*) FROM tmp_import WHERE id = 777")).fetchone() == (0,)
 
 
 async def test_extended_pipeline_with_block_skips_until_sync(postgres: PG, tmp_path: Path) -> None:
-    async with run_proxy(postgres, tmp_path, guardrails=GUARDRAILS) as p:
-        async with await psycopg.AsyncConnection.connect(p.dsn(), autocommit=True) as conn:
-            async with conn.cursor() as cur:
-                with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                    async with conn.pipeline():
-                        await cur.execute("INSERT INTO tmp_import VALUES (%s)", (888,))
-                        await cur.execute("DROP TABLE tmp_import")
-                        await cur.execute("INSERT INTO tmp_import VALUES (%s)", (889,))
-            cur2 = await conn.execute("SELECT count(*) FROM tmp_import WHERE id IN (888, 889)")
-            assert await cur2.fetchone() == (0,)  # the implicit transaction of the batch was rolled back
+    async with run_proxy(postgres, tmp_path, guardrails=GUARDRAILS) as p, \
+            await psycopg.AsyncConnection.connect(p.dsn(), autocommit=True) as conn:
+        async with conn.cursor() as cur:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                async with conn.pipeline():
+                    await cur.execute("INSERT INTO tmp_import VALUES (%s)", (888,))
+                    await cur.execute("DROP TABLE tmp_import")
+                    await cur.execute("INSERT INTO tmp_import VALUES (%s)", (889,))
+        cur2 = await conn.execute("SELECT count(*) FROM tmp_import WHERE id IN (888, 889)")
+        assert await cur2.fetchone() == (0,)  # the implicit transaction of the batch was rolled back
 
 
 async def test_sql_prepare_execute_tracked(postgres: PG, tmp_path: Path) -> None:
@@ -340,27 +341,39 @@ async def test_reload_applies_to_new_sessions_only(postgres: PG, tmp_path: Path)
 async def test_cancel_with_asyncpg(postgres: PG, tmp_path: Path) -> None:
     async with run_proxy(postgres, tmp_path) as p:
         c = await asyncpg.connect(**p.kwargs())
-        with pytest.raises(asyncpg.QueryCanceledError):
+        with pytest.raises(TimeoutError):  # asyncpg sends a CancelRequest on timeout
             await c.execute("SELECT pg_sleep(10)", timeout=0.5)
         assert await c.fetchval("SELECT 3") == 3
+        ref = await direct(postgres)
+        try:
+            for _ in range(50):  # the upstream query really stopped, well before its 10 s
+                if not await ref.fetchval("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                                          "AND query LIKE 'SELECT pg_sleep(10)%'"):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("pg_sleep was not cancelled upstream")
+        finally:
+            await ref.close()
         await c.close()
 
 
 async def test_cancel_with_psycopg(postgres: PG, tmp_path: Path) -> None:
-    async with run_proxy(postgres, tmp_path) as p:
-        async with await psycopg.AsyncConnection.connect(p.dsn(), autocommit=True) as conn:
-            key = conn.pgconn.backend_pid
-            assert key != await _upstream_pid(postgres)  # the proxy never exposes the real pid
+    async with run_proxy(postgres, tmp_path) as p, \
+            await psycopg.AsyncConnection.connect(p.dsn(), autocommit=True) as conn:
+        key = conn.pgconn.backend_pid
+        assert key != await _upstream_pid(postgres)  # the proxy never exposes the real pid
 
-            async def cancel_soon() -> None:
-                await asyncio.sleep(0.3)
-                await asyncio.to_thread(conn.cancel)
+        async def cancel_soon() -> None:
+            await asyncio.sleep(0.3)
+            # cancel_safe: PQcancel in a thread would hold the GIL against this in-process proxy
+            await conn.cancel_safe()
 
-            task = asyncio.create_task(cancel_soon())
-            with pytest.raises(psycopg.errors.QueryCanceled):
-                await conn.execute("SELECT pg_sleep(10)")
-            await task
-            assert await (await conn.execute("SELECT 4")).fetchone() == (4,)
+        task = asyncio.create_task(cancel_soon())
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            await conn.execute("SELECT pg_sleep(10)")
+        await task
+        assert await (await conn.execute("SELECT 4")).fetchone() == (4,)
 
 
 async def _upstream_pid(pg: PG) -> int | None:
@@ -386,6 +399,10 @@ async def test_copy_both_directions(postgres: PG, tmp_path: Path) -> None:
         assert res.stdout.split()[:3] == ["1", "2", "3"]
 
 
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
 def _rss_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -395,7 +412,7 @@ def _rss_kb(field: str) -> int:
 
 async def test_large_result_streams_with_bounded_memory(postgres: PG, tmp_path: Path) -> None:
     async with run_proxy(postgres, tmp_path) as p:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS counter
+        _reset_peak_rss()
         base = _rss_kb("VmRSS")
         sql = "SELECT i, repeat('x', 1000) FROM generate_series(1, 100000) AS i"  # ~100 MB
         res = await asyncio.to_thread(psql, p, "-c", f"COPY ({sql}) TO STDOUT", "-o", "/dev/null")

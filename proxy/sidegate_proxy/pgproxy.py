@@ -376,6 +376,8 @@ class Session:
         self.portals: dict[str, _Portal] = {}
         self.prepared: dict[str, str] = {}  # SQL-level PREPARE name -> text
         self.skip_until_sync = False
+        self._early: list[Message] = []
+        self.params: Mapping[str, str] = {}  # the client's startup parameters (application_name...)
         self.started = time.perf_counter()
         self.commands = 0
         self.database: str | None = None
@@ -471,8 +473,9 @@ class Session:
                     elif isinstance(msg, StartupMessage):
                         startup, queued = msg, msgs
                         break
-            if queued:
+            if len(queued) > 1 or (queued and not isinstance(queued[0], PasswordMessage)):
                 raise ProtocolError("messages received before authentication")
+            self._early = queued  # a client may pipeline its password: it is read when asked for
             return await self._authenticate(startup)
 
     async def _encryption(self, msg: Message) -> None:
@@ -491,7 +494,7 @@ class Session:
         await self.writer.start_tls(ctx)
 
     async def _authenticate(self, startup: StartupMessage) -> bool:
-        params = startup.params
+        params = self.params = startup.params
         user = params.get("user")
         if not user:
             self._fatal("28000", "sidegate: no user name in the startup packet")
@@ -560,7 +563,7 @@ class Session:
 
     async def _password(self) -> str:
         while True:
-            msgs = await self._read_startup()
+            msgs, self._early = self._early or await self._read_startup(), []
             if not msgs:
                 continue
             if len(msgs) != 1 or not isinstance(msgs[0], PasswordMessage):
@@ -680,9 +683,9 @@ class Session:
         assert self.masker is not None
         catalog = self.policy.catalog
         refused = Decision("block", "masking-copy", "COPY TO of data with masked columns is not allowed")
-        if catalog is None or not verdict.tables:
-            return refused
-        if await self._reads_masked(verdict.tables) is not None:
+        if not verdict.tables:
+            return verdict.decision  # reads no relation (like a SELECT of the same: detectors only)
+        if catalog is None or await self._reads_masked(verdict.tables) is not None:
             return refused
         return verdict.decision
 
@@ -1107,6 +1110,8 @@ class ProxyServer:
         self._sessions.add(task)
         try:
             await Session(self, reader, writer).run()
+        except asyncio.CancelledError:
+            pass  # close(): the session's own cleanup already ran; asyncio would log the cancel
         finally:
             self._sessions.discard(task)
 
