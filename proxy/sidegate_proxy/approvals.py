@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-from .audit import ApprovalRef, rfc3339
+from .audit import rfc3339
 from .config import API_VERSION, GROUP, ConfigError, Connection, parse_duration
 from .kube import ACCESS_REQUESTS, Conflict, KubeClient, KubeError, NotFound
-from .policy import Caller, Decision
+from .policy import ApprovalRef, Caller, Decision
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +376,7 @@ def pg_approval_hook(
         params = getattr(session, "params", None) or {}
         reason = getattr(session, "reason", None) or params.get("application_name")
         outcome = await broker.authorize(session.caller, sql, reason, session.id)
-        return Decision("allow" if outcome.allowed else "requireApproval", held.rule, outcome.message)
+        return Decision("allow" if outcome.allowed else "requireApproval", held.rule, outcome.message,
+                        approval=outcome.approval)
 
     return hook

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from . import __version__
 from .config import Action, Connection, ConnectionType
-from .policy import Caller, Decision
+from .policy import ApprovalRef, Caller, Decision
 from .sinks import Sink
 from .spool import Shipper, Spool, SpoolWriter
 
@@ -191,21 +191,6 @@ def redact_request_target(target: str) -> str:
 
 
 @dataclass(frozen=True)
-class ApprovalRef:
-    """The AccessRequest a command ran under: who reviewed it is the evidence."""
-
-    namespace: str
-    name: str
-    reviewer: str | None = None
-
-    def to_dict(self) -> dict[str, str]:
-        d = {"namespace": self.namespace, "name": self.name}
-        if self.reviewer:
-            d["reviewer"] = self.reviewer
-        return d
-
-
-@dataclass(frozen=True)
 class AuditEvent:
     """One session start/end or one command, protocol-neutral; ``to_dict`` gives the OCSF shape."""
 
@@ -326,7 +311,8 @@ def command_event(
         connection=connection, connection_type=connection_type, caller=caller, client=client,
         target=target, database=database, command=command, command_class=command_class,
         decision=action, rule=rule, reason=reason, masked=dict(masked or {}), rows=rows,
-        duration_ms=duration_ms, sqlstate=sqlstate, http_status=http_status, approval=approval,
+        duration_ms=duration_ms, sqlstate=sqlstate, http_status=http_status,
+        approval=approval or (decision.approval if isinstance(decision, Decision) else None),
     )
 
 

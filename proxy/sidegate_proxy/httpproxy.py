@@ -35,13 +35,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .approvals import ApprovalBroker
-from .audit import ApprovalRef, AuditError, AuditLog, http_request_event
+from .audit import AuditError, AuditLog, http_request_event
 from .config import Connection, ProxyConfig, TLSConfig
 from .guardrails import Guard
 from .identity import Authenticator, AuthError, WorkloadIdentity
 from .masking import Masker, MaskingEngine
 from .metrics import Metrics
-from .policy import Caller, Decision, check_access
+from .policy import ApprovalRef, Caller, Decision, check_access
 from .secrets import SecretMissing, SecretStore
 
 log = logging.getLogger(__name__)

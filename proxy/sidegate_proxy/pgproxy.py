@@ -325,6 +325,7 @@ ApprovalHook = Callable[["Session", str, SQLVerdict], Awaitable[Decision]]
 class _Statement:
     sql: str
     verdict: SQLVerdict
+    decision: Decision  # what allowed it: the guardrail's verdict, or an approval
 
 
 @dataclass
@@ -345,6 +346,7 @@ class _Pending:
     started: float = field(default_factory=time.perf_counter)
     # simple Query bookkeeping
     verdict: SQLVerdict | None = None
+    decision: Decision | None = None
     index: int = 0
     plan: ColumnPlan | None = None
     masked: dict[str, int] = field(default_factory=dict)
@@ -674,20 +676,20 @@ class Session:
             hook = self.server.on_approval_required
             decision = await hook(self, sql, verdict) if hook is not None else decision
         if decision.allowed and self.masker is not None and "copy_to" in verdict.commands:
-            decision = await self._copy_decision(verdict)
+            decision = await self._copy_decision(verdict, decision)
         return verdict, decision
 
-    async def _copy_decision(self, verdict: SQLVerdict) -> Decision:
+    async def _copy_decision(self, verdict: SQLVerdict, allowed: Decision) -> Decision:
         """COPY TO STDOUT cannot be masked by column: allowed only for relations without masked
         columns (data lines still go through the detectors)."""
         assert self.masker is not None
         catalog = self.policy.catalog
         refused = Decision("block", "masking-copy", "COPY TO of data with masked columns is not allowed")
         if not verdict.tables:
-            return verdict.decision  # reads no relation (like a SELECT of the same: detectors only)
+            return allowed  # reads no relation (like a SELECT of the same: detectors only)
         if catalog is None or await self._reads_masked(verdict.tables) is not None:
             return refused
-        return verdict.decision
+        return allowed
 
     async def _reads_masked(self, tables: frozenset[str] | set[str]) -> Any:
         """The strictest masking rule a statement reading ``tables`` touches (None: none); an
@@ -753,7 +755,7 @@ class Session:
             self._send(pgwire.query(POISON_SQL), _Pending("query", replace_error=self._block_error(decision)))
             return
         self._track_prepared(verdict)
-        self._send(msg.raw, _Pending("query", verdict=verdict))
+        self._send(msg.raw, _Pending("query", verdict=verdict, decision=decision))
 
     async def _on_parse(self, msg: Parse) -> None:
         verdict, decision = await self._decide(msg.sql)
@@ -764,7 +766,7 @@ class Session:
             self.skip_until_sync = True
             return
         self._track_prepared(verdict)
-        self.statements[msg.name] = _Statement(msg.sql, verdict)
+        self.statements[msg.name] = _Statement(msg.sql, verdict, decision)
         self._send(msg.raw, _Pending("parse"))
 
     def _on_bind(self, msg: Bind) -> None:
@@ -915,7 +917,7 @@ class Session:
             text, command_class = st.text, ",".join(sorted(st.commands))
         else:
             text, command_class = (verdict.classified.text if verdict else ""), None
-        decision = verdict.decision if verdict is not None else Decision("allow")
+        decision = p.decision or (verdict.decision if verdict is not None else Decision("allow"))
         self._audit_command(text, decision, command_class, p, rows, sqlstate)
         p.index += 1
         p.plan = None
@@ -959,7 +961,7 @@ class Session:
         if st is None:
             self._audit_command("<unknown portal>", Decision("allow"), None, p, rows, sqlstate)
             return
-        self._audit_command(st.sql, st.verdict.decision, _command_class(st.verdict), p, rows, sqlstate)
+        self._audit_command(st.sql, st.decision, _command_class(st.verdict), p, rows, sqlstate)
 
     async def _on_describe_response(self, p: _Pending, msg: Message) -> None:
         inject = p.kind == "inject"

@@ -30,10 +30,26 @@ class Caller:
 
 
 @dataclass(frozen=True)
+class ApprovalRef:
+    """The AccessRequest a command ran under: who reviewed it is the evidence."""
+
+    namespace: str
+    name: str
+    reviewer: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        d = {"namespace": self.namespace, "name": self.name}
+        if self.reviewer:
+            d["reviewer"] = self.reviewer
+        return d
+
+
+@dataclass(frozen=True)
 class Decision:
     action: Action
     rule: str | None = None
     reason: str = ""
+    approval: ApprovalRef | None = None  # set when an approved AccessRequest allowed the command
 
     @property
     def allowed(self) -> bool:
