@@ -30,8 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
@@ -262,17 +263,17 @@ async def load_aiohttp(
 # --------------------------------------------------------------------------- main
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="short runs (about 20 s in all)")
-    ap.add_argument("--connections", type=int, default=32)
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per target (wrk)")
-    ap.add_argument("--requests", type=int, default=20000, help="requests per target (aiohttp client)")
-    ap.add_argument("--tool", choices=("auto", "wrk", "aiohttp"), default="auto")
-    args = ap.parse_args()
-    if args.quick:
-        args.duration, args.requests = 3.0, 3000
-    tool = args.tool if args.tool != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
+def run(
+    quick: bool = False,
+    connections: int = 32,
+    duration: float = 10.0,
+    requests: int = 20000,
+    tool: str = "auto",
+) -> dict[str, Any]:
+    """Every target in turn, in one run; what ``main`` prints and ``run_all`` tabulates."""
+    if quick:
+        duration, requests = 3.0, 3000
+    tool = tool if tool != "auto" else ("wrk" if shutil.which("wrk") else "aiohttp")
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
@@ -327,9 +328,9 @@ def main() -> None:
         results = []
         for name, url, headers in targets:
             if tool == "wrk":
-                results.append(load_wrk(name, url, headers, args.connections, args.duration))
+                results.append(load_wrk(name, url, headers, connections, duration))
             else:
-                results.append(asyncio.run(load_aiohttp(name, url, headers, args.connections, args.requests)))
+                results.append(asyncio.run(load_aiohttp(name, url, headers, connections, requests)))
     finally:
         if nginx is not None:
             nginx.terminate()
@@ -339,12 +340,30 @@ def main() -> None:
                 os.kill(p.pid, signal.SIGTERM)
             p.join(10)
         shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "connections": connections,
+        "duration_s": duration,
+        "tool": tool,
+        "cpus": os.cpu_count(),
+        "results": [asdict(r) for r in results],
+    }
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short runs (about 20 s in all)")
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per target (wrk)")
+    ap.add_argument("--requests", type=int, default=20000, help="requests per target (aiohttp client)")
+    ap.add_argument("--tool", choices=("auto", "wrk", "aiohttp"), default="auto")
+    args = ap.parse_args()
+    data = run(args.quick, args.connections, args.duration, args.requests, args.tool)
+    results = [Result(**r) for r in data["results"]]
     direct = results[0]
     by_name = {r.name: r for r in results}
     print(
-        f"\nHTTP data plane, 1 kB JSON, {args.connections} connections, load: {tool}, "
-        f"{os.cpu_count()} CPUs (all processes share them)\n"
+        f"\nHTTP data plane, 1 kB JSON, {data['connections']} connections, load: {data['tool']}, "
+        f"{data['cpus']} CPUs (all processes share them)\n"
     )
     print(
         f"{'target':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}"

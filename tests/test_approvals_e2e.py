@@ -31,7 +31,7 @@ pytestmark = pytest.mark.k8s
 
 
 async def test_bot_drop_is_held_approved_with_the_plugin_and_runs(
-    approvals_cluster: Any, approvals_ns: str, admin_kube: KubeClient, postgres: Any, tmp_path: Path
+    approvals_cluster: Any, approvals_ns: str, admin_kube: KubeClient, postgres: Any, tmp_path: Path  # noqa: F811 (pytest fixtures)
 ) -> None:
     ns = approvals_ns
     postgres.sql("CREATE TABLE IF NOT EXISTS jit_victim (id int)")
