@@ -254,7 +254,7 @@ class Gateway:
     async def events(self, n: int) -> list[dict[str, Any]]:
         """The first ``n`` audit events once shipped (a bounded wait, not a timing assertion)."""
         await self.audit.flush()
-        for _ in range(500):
+        for _ in range(3000):
             if len(self.sink.events) >= n:
                 break
             await asyncio.sleep(0.01)
