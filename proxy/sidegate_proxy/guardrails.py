@@ -333,10 +333,9 @@ class _BodyRule:
     values: tuple[Any, ...]
 
     def matches(self, body: Any) -> bool:
-        for found in _resolve(body, self.steps):
-            if not self.values or any(_same(found, v) for v in self.values):
-                return True
-        return False
+        return any(
+            not self.values or any(_same(found, v) for v in self.values) for found in _resolve(body, self.steps)
+        )
 
 
 def normalize_path(path: str, decode_rounds: int = 1) -> str:
