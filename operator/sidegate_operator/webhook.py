@@ -133,6 +133,12 @@ def build_webhook_configuration(client_config: Mapping[str, Any], *, operator_na
                 {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": skip},
                 {"key": OPT_OUT_LABEL, "operator": "NotIn", "values": ["disabled"]},
             ]},
+            # Only annotated pods reach the webhook, so failurePolicy Fail (an injection must never
+            # be skipped silently) cannot block unrelated pods while the operator is down.
+            "matchConditions": [{
+                "name": "sidegate-inject-annotated",
+                "expression": f"has(object.metadata.annotations) && '{INJECT_ANNOTATION}' in object.metadata.annotations",
+            }],
             "failurePolicy": "Fail",
             "matchPolicy": "Equivalent",
             "sideEffects": "None",
