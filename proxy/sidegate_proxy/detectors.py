@@ -10,19 +10,28 @@ not masked as cards.
 
 A custom pattern RE2 cannot compile (lookaround, backreferences) falls back to Python ``re`` and
 runs as a separate, slower pass over the decoded text.
+
+Each call into the RE2 wrapper costs microseconds whatever the text's size, so many small values (the
+strings of a JSON document, the columns of a row) are scanned as ONE text: ``scan_chunks`` joins
+them with newlines, finds which of them can hold a finding, and scans only those alone again, so
+its findings are exactly those of scanning each value alone (see ``_candidates`` for why).
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import re2
 
 from .config import DETECTORS
 
 __all__ = ["CUSTOM", "DETECTOR_PATTERNS", "DetectorError", "Match", "Scanner", "iban_valid", "luhn_valid"]
+
+_Spans = Sequence[tuple[int, int]]  # (start, end) of the whole match, then of each group; -1: none
 
 CUSTOM = "pattern"  # Match.detector for a rule's custom ``pattern``
 
@@ -34,7 +43,7 @@ class DetectorError(ValueError):
     """A detector name or custom pattern that cannot be scanned for."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Match:
     """One finding: ``[start, end)`` offsets (chars for ``scan``, UTF-8 bytes for ``scan_bytes``)."""
 
@@ -140,6 +149,10 @@ DETECTOR_PATTERNS: dict[str, bytes] = {
     ),
 }
 
+_AWS_PREFIX = re.compile(b"|".join(_AWS_PREFIXES))
+
+# Necessary conditions for a match, and monotone (true for a text stays true for any text
+# containing it): ``scan_chunks`` relies on that when it prefilters many values joined together.
 _PREFILTERS: dict[str, _Prefilter] = {
     "email": lambda data, digits: b"@" in data,
     "credit-card": lambda data, digits: digits >= 13,
@@ -147,7 +160,7 @@ _PREFILTERS: dict[str, _Prefilter] = {
     "phone": lambda data, digits: digits >= 7,
     "iban": lambda data, digits: digits >= 4 and len(data) >= 15,
     "ipv4": lambda data, digits: digits >= 4 and data.count(b".") >= 3,
-    "aws-access-key": lambda data, digits: any(p in data for p in _AWS_PREFIXES),
+    "aws-access-key": lambda data, digits: b"A" in data and _AWS_PREFIX.search(data) is not None,
     "jwt": lambda data, digits: b"eyJ" in data,
     "private-key": lambda data, digits: b"PRIVATE KEY-----" in data,
 }
@@ -161,6 +174,24 @@ _VALIDATORS: dict[str, _Validator] = {
 }
 
 assert set(DETECTOR_PATTERNS) == set(DETECTORS) == set(_PREFILTERS)
+
+
+def _first_byte_prefilter(first: bytes) -> _Prefilter | None:
+    """A custom pattern's only cheap necessary condition: a byte it can start with."""
+    if len(first) == 256:
+        return None
+    if len(first) == 1:
+        return lambda data, digits: first in data
+    return lambda data, digits: len(data.translate(None, first)) != len(data)
+
+
+# The wrapper's ``search`` is a generator building a match object per call; RE2's own ``Match``
+# returns the spans directly, at less than half the cost. Used when this wrapper version has it.
+_RAW = hasattr(re2, "_Anchor") and hasattr(re2.compile(b"x"), "_regexp")
+_UNANCHORED = re2._Anchor.UNANCHORED if _RAW else None
+_ANCHOR_START = re2._Anchor.ANCHOR_START if _RAW else None
+_NO_MATCH = (-1, -1)
+_FEW = 16  # up to this many chunks, each one's own prefilter is cheaper than a joined scan
 
 
 def _options(*, capture: bool = False) -> re2.Options:
@@ -194,19 +225,32 @@ def _alt(rule: str, detector: str, pattern: bytes, prefilter: _Prefilter | None,
     regex = re2.compile(pattern, _options())
     lo, hi = regex.possiblematchrange(1)
     first = bytes(range(lo[0], hi[0] + 1)) if lo and hi else bytes(range(256))
+    if detector == CUSTOM:
+        prefilter = _first_byte_prefilter(first)
     return _Alt(rule, detector, pattern, regex, prefilter, validate, first)
 
 
-@dataclass(frozen=True)
 class _Combined:
     """The alternation for one subset of alternatives, with each one's wrapper group."""
 
-    regex: re2._Regexp
-    groups: tuple[tuple[int, int, _Alt], ...]  # (group index, alternative index, alternative)
+    __slots__ = ("_raw", "groups", "regex")
 
-    def which(self, m: re2._Match) -> tuple[int, _Alt]:
+    def __init__(self, regex: re2._Regexp, groups: tuple[tuple[int, int, _Alt], ...]) -> None:
+        self.regex = regex
+        self.groups = groups  # (group index, alternative index, alternative)
+        self._raw = regex._regexp.Match if _RAW else None
+
+    def find(self, data: bytes, pos: int, *, anchored: bool = False) -> _Spans | None:
+        """The leftmost-longest match at or after ``pos`` (at ``pos`` if anchored)."""
+        if self._raw is not None:
+            spans: _Spans = self._raw(_ANCHOR_START if anchored else _UNANCHORED, data, pos, len(data))
+            return None if spans[0] == _NO_MATCH else spans
+        m = self.regex.match(data, pos) if anchored else self.regex.search(data, pos)
+        return None if m is None else [m.span(g) for g in range(self.regex.groups + 1)]
+
+    def which(self, spans: _Spans) -> tuple[int, _Alt]:
         for group, i, alt in self.groups:
-            if m.start(group) >= 0:
+            if spans[group][0] >= 0:
                 return 1 << i, alt
         raise AssertionError("a match without a matching alternative")
 
@@ -255,10 +299,16 @@ class Scanner:
         self._alts = tuple(alts)
         self._fallback = tuple(fallback)
         self._always = sum(1 << i for i, a in enumerate(alts) if a.prefilter is None)
-        self._compiled: dict[int, _Combined] = {}
+        self._prefilters = tuple((1 << i, a.prefilter) for i, a in enumerate(alts) if a.prefilter is not None)
+        self._compiled: dict[tuple[int, bool], _Combined] = {}
+        # Joining values is exact only where no pattern can tell a joint from the edge of a text:
+        # RE2 patterns (no lookaround); ^ and $ are made multi-line for it (see _edge_bound).
+        self._joinable = not fallback and not any(a.detector == CUSTOM and _edge_bound(a.pattern) for a in alts)
         if alts:
             try:
                 self._combined((1 << len(alts)) - 1)
+                if self._joinable:
+                    self._combined((1 << len(alts)) - 1, joined=True)
             except re2.error as exc:
                 raise DetectorError(f"cannot combine detector patterns: {exc}") from None
 
@@ -271,23 +321,23 @@ class Scanner:
         """Rules whose custom pattern RE2 rejected and which run on Python ``re`` (slow)."""
         return tuple(rule for rule, _ in self._fallback)
 
-    def _combined(self, mask: int) -> _Combined:
-        combined = self._compiled.get(mask)
+    def _combined(self, mask: int, *, joined: bool = False) -> _Combined:
+        combined = self._compiled.get((mask, joined))
         if combined is None:
             chosen = [(i, a) for i, a in enumerate(self._alts) if mask >> i & 1]
-            pattern = b"|".join(b"(?P<_sg%d>%s)" % (i, _strip_names(a.pattern)) for i, a in chosen)
+            pattern = b"|".join(b"(?P<_sg%d>%s)" % (i, _own(a, joined)) for i, a in chosen)
             rx = re2.compile(pattern, _options(capture=True))
             index = {(k.decode() if isinstance(k, bytes) else k): v for k, v in rx.groupindex.items()}
             groups = tuple((index[f"_sg{i}"], i, a) for i, a in chosen)
-            combined = self._compiled[mask] = _Combined(rx, groups)
+            combined = self._compiled[(mask, joined)] = _Combined(rx, groups)
         return combined
 
     def _selected(self, data: bytes) -> int:
         digits = len(data) - len(data.translate(None, _DIGITS))
         mask = self._always
-        for i, alt in enumerate(self._alts):
-            if alt.prefilter is not None and alt.prefilter(data, digits):
-                mask |= 1 << i
+        for bit, prefilter in self._prefilters:
+            if prefilter(data, digits):
+                mask |= bit
         return mask
 
     def scan_bytes(self, data: bytes) -> list[Match]:
@@ -309,21 +359,85 @@ class Scanner:
             return found
         return _to_char_offsets(data, found)
 
-    def _scan_re2(self, data: bytes, mask: int) -> list[Match]:
-        combined = self._combined(mask)
+    def scan_chunks(self, chunks: Sequence[bytes]) -> dict[int, list[Match]]:
+        """``{i: scan_bytes(chunks[i])}`` for the chunks with findings, in one pass over all of
+        them where that is exact (byte offsets within each chunk)."""
+        if len(chunks) <= _FEW or not self._joinable:
+            return self._few(chunks)
+        data = b"\n".join(chunks)
+        return self._each(chunks, self._candidates(data, lambda: map(len, chunks)))
+
+    def scan_texts(self, texts: Sequence[str]) -> dict[int, list[Match]]:
+        """``scan_chunks`` for strings: byte offsets within each text's UTF-8 encoding."""
+        if len(texts) <= _FEW or not self._joinable:
+            return self._few([t.encode("utf-8", "surrogatepass") for t in texts])
+        joined = "\n".join(texts)
+        data = joined.encode("utf-8", "surrogatepass")
+        if len(data) == len(joined):  # ASCII: characters are bytes
+            candidates = self._candidates(data, lambda: map(len, texts))
+            return self._each([texts[i].encode() for i in candidates], range(len(candidates)), candidates)
+        chunks = [t.encode("utf-8", "surrogatepass") for t in texts]
+        return self._each(chunks, self._candidates(data, lambda: map(len, chunks)))
+
+    def _few(self, chunks: Sequence[bytes]) -> dict[int, list[Match]]:
+        """A few chunks are scanned alone: their own prefilters skip most of them, and a joined
+        scan would have to rescan each one it finds something in."""
+        return self._each(chunks, range(len(chunks)))
+
+    def _each(
+        self, chunks: Sequence[bytes], which: Iterable[int], names: Sequence[int] | None = None
+    ) -> dict[int, list[Match]]:
+        """Chunks scanned alone, reported under their index (or under ``names[index]``)."""
+        out: dict[int, list[Match]] = {}
+        for i in which:
+            found = self.scan_bytes(chunks[i])
+            if found:
+                out[i if names is None else names[i]] = found
+        return out
+
+    def _candidates(self, data: bytes, lengths: Callable[[], Iterable[int]]) -> list[int]:
+        """Indexes of the newline-joined chunks that can hold a finding when scanned alone.
+
+        Exact, with no chunk missed: prefilters are monotone, so every detector that can match
+        inside a chunk is selected for the joined text. Newline is not a word character, a digit
+        or a dot, so ``\\b`` and the validators see a joint as they see the edge of a text; no
+        detector that has a validator can match across it; custom patterns are multi-line here, so
+        ``^`` and ``$`` match at joints too. Hence wherever a chunk alone has a finding, the joined
+        scan reports a finding overlapping that chunk (at that place, or one that started earlier
+        and ran into it), and every chunk a finding overlaps is scanned alone again.
+        """
+        mask = self._selected(data)
+        if not mask:
+            return []
+        found = self._scan_re2(data, mask, joined=True)
+        if not found:
+            return []
+        before = list(accumulate(lengths(), initial=0))  # bytes of the chunks before chunk i
+        count = len(before) - 1
+
+        def chunk_at(pos: int) -> int:  # chunk i starts at before[i] + i (one newline each)
+            return bisect_right(range(count), pos, key=lambda i: before[i] + i) - 1
+
+        hit: dict[int, None] = {}
+        for m in found:
+            hit.update(dict.fromkeys(range(chunk_at(m.start), chunk_at(max(m.end - 1, m.start)) + 1)))
+        return list(hit)
+
+    def _scan_re2(self, data: bytes, mask: int, *, joined: bool = False) -> list[Match]:
+        combined = self._combined(mask, joined=joined)
         out: list[Match] = []
         pos, size = 0, len(data)
         while pos < size:
-            m = combined.regex.search(data, pos)
-            if m is None:
+            spans = combined.find(data, pos)
+            if spans is None:
                 break
-            start, end = m.span()
-            bit, alt = combined.which(m)
+            start, end = spans[0]
+            bit, alt = combined.which(spans)
             if end > start and alt.accepts(data, start, end):
                 out.append(Match(start, end, alt.rule, alt.detector))
                 pos = end
                 continue
-            hit = self._retry(data, start, mask & ~bit)
+            hit = self._retry(data, start, mask & ~bit, joined)
             if hit is None:
                 pos = start + 1
             else:
@@ -331,20 +445,21 @@ class Scanner:
                 pos = hit.end
         return out
 
-    def _retry(self, data: bytes, start: int, mask: int) -> Match | None:
+    def _retry(self, data: bytes, start: int, mask: int, joined: bool) -> Match | None:
         """The longest match here rejected by its validator: try the other detectors at ``start``."""
         byte = data[start : start + 1]
         for i, alt in enumerate(self._alts):
             if mask >> i & 1 and byte not in alt.first:
                 mask &= ~(1 << i)
         while mask:
-            combined = self._combined(mask)
-            m = combined.regex.match(data, start)
-            if m is None:
+            combined = self._combined(mask, joined=joined)
+            spans = combined.find(data, start, anchored=True)
+            if spans is None:
                 return None
-            bit, alt = combined.which(m)
-            if m.end() > start and alt.accepts(data, start, m.end()):
-                return Match(start, m.end(), alt.rule, alt.detector)
+            end = spans[0][1]
+            bit, alt = combined.which(spans)
+            if end > start and alt.accepts(data, start, end):
+                return Match(start, end, alt.rule, alt.detector)
             mask &= ~bit
         return None
 
@@ -366,6 +481,22 @@ class Scanner:
             length = len(text[m.start : m.end].encode("utf-8", "surrogateescape"))
             out.append(Match(last_byte, last_byte + length, m.rule, m.detector))
         return _merge([], out)
+
+
+def _own(alt: _Alt, joined: bool) -> bytes:
+    """An alternative in a combined regex: group names dropped, and for a joined scan a custom
+    pattern's ``^`` and ``$`` made multi-line (built-in detectors use neither)."""
+    pattern = _strip_names(alt.pattern)
+    return b"(?m:" + pattern + b")" if joined and alt.detector == CUSTOM else pattern
+
+
+_FLAGS_OFF = re.compile(rb"\(\?[a-zA-Z]*-")
+
+
+def _edge_bound(pattern: bytes) -> bool:
+    """Whether a pattern may match at the edge of a text but not at a newline even when made
+    multi-line: ``\\A``, ``\\z``, or flags switched off (``(?-m)``). Errs on the side of True."""
+    return b"\\A" in pattern or b"\\z" in pattern or _FLAGS_OFF.search(pattern) is not None
 
 
 def _merge(first: list[Match], second: list[Match]) -> list[Match]:

@@ -399,8 +399,9 @@ class _HTTPRule:
         return all(hit) if self.rule.action == "allow" else any(hit)
 
     def matches(self, method: str, readings: Sequence[str], body: Any | None) -> bool:
-        if not self.matches_target(method, readings):
-            return False
+        return self.matches_target(method, readings) and self.matches_body(body)
+
+    def matches_body(self, body: Any | None) -> bool:
         if not self.body:
             return True
         return body is not None and all(b.matches(body) for b in self.body)
@@ -410,6 +411,19 @@ class _HTTPRule:
 
 
 # --------------------------------------------------------------------------- the guard
+
+_MAX_CACHED_PATH = 1024  # longer request paths are judged without the cache
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What a request's method and path alone decide: its readings and the rules they match."""
+
+    method: str
+    readings: tuple[str, ...]
+    nul: bool
+    http: tuple[_HTTPRule, ...]
+    builtin: tuple[_HTTPRule, ...]
 
 
 _NO_RULE = Decision("allow", rule=None, reason="no guardrail matched")
@@ -422,7 +436,7 @@ class Guard:
     class, a bad JSON path), so a typo never silently turns a rule off.
     """
 
-    __slots__ = ("_builtin_http", "_builtin_sql", "_http", "_matching", "_sql", "connection")
+    __slots__ = ("_builtin_http", "_builtin_sql", "_http", "_matching", "_sql", "_targets", "connection")
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
@@ -433,6 +447,8 @@ class Guard:
         self._builtin_http = tuple(_HTTPRule.compile(r, r.name) for r in BUILTIN_GUARDRAILS if r.http)
         # which rules match a statement does not depend on the caller: cache it per statement
         self._matching = lru_cache(maxsize=4096)(self._compute_matching)
+        # nor which rules match a request's method and path (two calls per request, same answer)
+        self._targets = lru_cache(maxsize=4096)(self._compute_target)
 
     def _compute_matching(self, st: StatementInfo) -> tuple[tuple[_SQLRule, ...], tuple[_SQLRule, ...]]:
         return (
@@ -480,31 +496,41 @@ class Guard:
 
     # ------------------------------------------------------------------ HTTP
 
+    def _target(self, method: str, path: str) -> _Target:
+        if len(path) > _MAX_CACHED_PATH:
+            return self._compute_target(method, path)
+        return self._targets(method, path)
+
+    def _compute_target(self, method: str, path: str) -> _Target:
+        method, readings = method.upper(), path_readings(path)
+        return _Target(
+            method=method,
+            readings=readings,
+            nul="\x00" in "".join(readings),
+            http=tuple(r for r in self._http if r.matches_target(method, readings)),
+            builtin=tuple(b for b in self._builtin_http if b.matches_target(method, readings)),
+        )
+
     def needs_http_body(self, method: str, path: str) -> bool:
         """Whether some rule looks at the JSON body of this request (read it only then)."""
-        method, readings = method.upper(), path_readings(path)
-        return any(r.body and r.matches_target(method, readings) for r in self._http + self._builtin_http)
+        target = self._target(method, path)
+        return any(r.body for r in target.http + target.builtin)
 
     def check_http(self, caller: Caller, method: str, path: str, json_body: Any | None) -> Decision:
         """Decide one request; ``path`` is the raw (still percent-encoded) request path."""
-        method, readings = method.upper(), path_readings(path)
-        if "\x00" in "".join(readings):
+        target = self._target(method, path)
+        if target.nul:
             return Decision("block", "path", "NUL byte in request path")
-        what = f"{method} {readings[0]}"
+        method = target.method
+        what = f"{method} {target.readings[0]}"
         chosen = next(
-            (
-                r
-                for r in self._http
-                if r.matches(method, readings, json_body) and rule_applies(r.rule.who, caller)
-            ),
+            (r for r in target.http if r.matches_body(json_body) and rule_applies(r.rule.who, caller)),
             None,
         )
         if chosen is not None and chosen.rule.action != "allow":
             return _decision(chosen.rule, what)
-        for builtin in self._builtin_http:
-            if builtin.matches(method, readings, json_body) and not (
-                chosen is not None and chosen.covers(builtin, method)
-            ):
+        for builtin in target.builtin:
+            if builtin.matches_body(json_body) and not (chosen is not None and chosen.covers(builtin, method)):
                 return _decision(builtin.rule, what)
         return _decision(chosen.rule, what) if chosen is not None else _NO_RULE
 

@@ -76,6 +76,14 @@ _UNSCANNED_OIDS: frozenset[int] = frozenset(
 Counts = dict[str, int]
 _NO_COUNTS: Mapping[str, int] = MappingProxyType({})
 _UNKNOWN_ORIGIN = MaskingRule(name="unknown-origin", strategy="redact")
+_MAX_TRANSITIONS = 4096  # cached JSON path transitions per Masker
+_MAX_CLEAN_KEYS = 4096  # cached JSON keys with no finding per Masker
+_MAX_CACHED_KEY = 128
+
+
+_ASCII_ALNUM = frozenset(c for c in range(128) if chr(c).isalnum())
+_ASCII_NOT_ALNUM = bytes(c for c in range(256) if c not in _ASCII_ALNUM)
+_ASCII_STARS = bytes(42 if c in _ASCII_ALNUM else c for c in range(256))  # b"*"
 
 
 class MaskingError(ValueError):
@@ -95,6 +103,14 @@ def partial(value: str, keep_last: int) -> str:
     A value with no more than ``keep_last`` letters and digits is masked completely: showing "the
     last four" of a four-digit PIN would show all of it.
     """
+    if value.isascii():  # the usual case, at C speed: count, then mask all before the kept tail
+        data = value.encode()
+        alnum = len(data.translate(None, _ASCII_NOT_ALNUM))
+        cut, kept = len(data), 0
+        while kept < keep_last and alnum > keep_last:
+            cut -= 1
+            kept += data[cut] in _ASCII_ALNUM
+        return (data[:cut].translate(_ASCII_STARS) + data[cut:]).decode()
     alnum = sum(ch.isalnum() for ch in value)
     keep = keep_last if alnum > keep_last else 0
     out, masked_budget = [], alnum - keep
@@ -273,22 +289,31 @@ _Action = Callable[[bytes, Counts], "bytes | None"]
 
 
 class ColumnPlan:
-    """Per result set: the masking action of each column, computed once from the RowDescription."""
+    """Per result set: the masking action of each column, computed once from the RowDescription.
+
+    Columns whose values are scanned as they are (text, and the text form of other types) are
+    scanned together, one joined pass per row (``Scanner.scan_chunks``); the others (column
+    rules, JSON, binary numbers and arrays) have an action of their own."""
 
     def __init__(self, masker: Masker, columns: Sequence[ColumnOrigin], rules: Sequence[MaskingRule | None]):
         self._masker = masker
         self.columns = tuple(columns)
         self.rules = tuple(rules)  # the rule masking each whole column (None: only detectors)
-        self._actions: tuple[tuple[int, _Action], ...] = tuple(
-            (i, action)
-            for i, (col, rule) in enumerate(zip(self.columns, self.rules, strict=True))
-            if (action := masker._column_action(col, rule)) is not None
-        )
+        actions: list[tuple[int, _Action]] = []
+        scanned: list[tuple[int, bool]] = []
+        for i, (col, rule) in enumerate(zip(self.columns, self.rules, strict=True)):
+            kind = masker._raw_scan(col.type_oid, col.format) if rule is None else None
+            if kind is not None:
+                scanned.append((i, kind))
+            elif (action := masker._column_action(col, rule)) is not None:
+                actions.append((i, action))
+        self._actions = tuple(actions)
+        self._scanned = tuple(scanned)
 
     @property
     def active(self) -> bool:
         """False: every value passes unchanged, the proxy may forward DataRows as they are."""
-        return bool(self._actions)
+        return bool(self._actions or self._scanned)
 
     def with_formats(self, formats: Sequence[int]) -> ColumnPlan:
         """The same plan for Bind's result format codes (none: all text; one: for all; or each)."""
@@ -305,7 +330,7 @@ class ColumnPlan:
 
     def apply(self, values: Sequence[bytes | None]) -> tuple[list[bytes | None], Mapping[str, int]]:
         """One DataRow: masked values (None is NULL) and per-rule counts of what was masked."""
-        if not self._actions:
+        if not self.active:
             return list(values), _NO_COUNTS
         if len(values) != len(self.columns):
             raise MaskingError(f"DataRow has {len(values)} values for {len(self.columns)} columns")
@@ -315,6 +340,14 @@ class ColumnPlan:
             raw = out[i]
             if raw is not None:
                 out[i] = action(raw, counts)
+        if self._scanned:
+            present = [(i, typed) for i, typed in self._scanned if out[i] is not None]
+            chunks = [bytes(out[i] or b"") for i, _ in present]
+            for j, found in self._masker._scanner.scan_chunks(chunks).items():
+                i, typed = present[j]
+                masked = self._masker._masked_value(chunks[j], found, counts)
+                # a type that cannot carry the mask (int8 holding a card number) becomes NULL
+                out[i] = None if typed and masked != chunks[j] else masked
         return out, (counts or _NO_COUNTS)
 
 
@@ -334,7 +367,13 @@ class Masker:
         self._scans = not self._scanner.empty
         self._columns = tuple(_ColumnGlob.parse(c, r) for r in self.rules for c in r.columns)
         self._paths = tuple(_JsonPath(compile_json_path(f), r) for r in self.rules for f in r.fields)
-        self._roots = tuple((i, 0) for i in range(len(self._paths)))
+        # JSON walks: sets of path states by number, and bounded caches of pure functions, (state
+        # set, key) -> (rule masking the value, state set below) and the keys detectors find nothing in
+        self._state_sets: list[tuple[_State, ...]] = [()]
+        self._state_ids: dict[tuple[_State, ...], int] = {(): 0}
+        self._roots = self._state_set(tuple((i, 0) for i in range(len(self._paths))))
+        self._transitions: dict[tuple[int, str | int], tuple[MaskingRule | None, int]] = {}
+        self._clean_keys: set[str] = set()
 
     @property
     def active(self) -> bool:
@@ -435,25 +474,38 @@ class Masker:
 
     def _scan_value(self, data: bytes, counts: Counts) -> bytes | None:
         """A text value with detector hits masked inside; None when a hit's strategy is null."""
+        return self._masked_value(data, self._scanner.scan_bytes(data), counts)
+
+    def _masked_value(self, data: bytes, found: list[Match], counts: Counts) -> bytes | None:
         try:
-            return self._replace(data, self._scanner.scan_bytes(data), counts, null_ok=True)
+            return self._replace(data, found, counts, null_ok=True)
         except _NullValue:
             return None
+
+    def _raw_scan(self, oid: int, fmt: int) -> bool | None:
+        """For a column scanned byte for byte: whether a hit makes it NULL (its type cannot carry
+        a mask); None when its values are not scanned as they are (or not at all)."""
+        if not self._scans or oid in JSON_OIDS:
+            return None
+        if fmt == 0:
+            if oid in _UNSCANNED_OIDS:
+                return None
+            return not (_text_like(oid) or oid in _TEXT_ARRAY_OIDS)
+        return False if _text_like(oid) else None
 
     def _scanner_for(self, oid: int, fmt: int) -> _Action | None:
         """How detectors reach a column's values, or None when they cannot hold a finding."""
         if oid in JSON_OIDS:
             binary = fmt == 1 and oid == JSONB_OID
             return lambda raw, counts: self._scan_json_value(raw, counts, binary=binary)
-        if fmt == 0:
-            if oid in _UNSCANNED_OIDS:
-                return None
-            if _text_like(oid) or oid in _TEXT_ARRAY_OIDS:
-                return self._scan_value
+        typed = self._raw_scan(oid, fmt)
+        if typed is False:
+            return self._scan_value
+        if typed:
             # int8 holding a card number: a hit cannot be written into the type, so NULL.
             return lambda raw, counts: raw if self._scan_value(raw, counts) == raw else None
-        if _text_like(oid):
-            return self._scan_value
+        if fmt == 0:
+            return None
         if oid in _INT_OIDS or oid == _NUMERIC_OID:
             return lambda raw, counts: self._scan_number(oid, raw, counts)
         if oid in _TEXT_ARRAY_OIDS:
@@ -474,7 +526,7 @@ class Masker:
         except ValueError:
             return self._scan_value(raw, counts) if not binary else _prefix(self._scan_value(body, counts))
         before = sum(counts.values())
-        masked = self._walk(doc, (), counts)
+        masked = self._mask_doc(doc, 0, counts)
         if sum(counts.values()) == before:
             return raw
         text = json.dumps(masked, ensure_ascii=False).encode()
@@ -512,7 +564,8 @@ class Masker:
 
     def mask_json(self, doc: Any) -> tuple[Any, Counts]:
         """A decoded JSON document with rule ``fields`` masked and detectors run on every string
-        (and number: card numbers are sometimes sent as numbers) and every key, in one walk."""
+        (and number: card numbers are sometimes sent as numbers) and every key. Returns a copy;
+        ``doc`` is left as it is."""
         counts: Counts = {}
         if not self._paths and not self._scans:
             return doc, counts
@@ -521,46 +574,104 @@ class Masker:
             assert rule is not None
             _bump(counts, rule)
             return self._json_masked(rule, doc), counts
-        return self._walk(doc, self._roots, counts), counts
+        return self._mask_doc(doc, self._roots, counts), counts
 
-    def _walk(self, node: Any, states: tuple[_State, ...], counts: Counts) -> Any:
+    def _mask_doc(self, doc: Any, states: int, counts: Counts) -> Any:
+        """One walk copies the document, masking what field rules match and collecting every
+        string, number and key; then ONE scan over all of them together (``scan_texts``) tells
+        which to mask, and only those are rewritten in the copy."""
+        box: list[Any] = [None]
+        walk = _Walk(self._scans)
+        self._copy(box, 0, doc, states, counts, walk)
+        texts, values = walk.texts, len(walk.values)
+        if walk.keys:
+            texts += [k for _, k in walk.keys]
+        if not texts:
+            return box[0]
+        found = self._scanner.scan_texts(texts)
+        if walk.keys:  # keys seen for the first time: remember the clean ones
+            fresh = [k for i, (_, k) in enumerate(walk.keys, values) if i not in found and len(k) <= _MAX_CACHED_KEY]
+            if len(self._clean_keys) + len(fresh) > _MAX_CLEAN_KEYS:
+                self._clean_keys.clear()
+            self._clean_keys.update(fresh)
+        renames: dict[int, tuple[dict[str, Any], dict[str, str]]] = {}
+        for i, matches in sorted(found.items()):
+            data = texts[i].encode("utf-8", "surrogatepass")
+            if i < values:
+                container, slot = walk.values[i]
+                masked = self._masked_value(data, matches, counts)
+                container[slot] = None if masked is None else masked.decode("utf-8", "surrogatepass")
+                continue
+            obj, key = walk.keys[i - values]
+            new_key = self._replace(data, matches, counts, null_ok=False).decode("utf-8", "surrogatepass")
+            renames.setdefault(id(obj), (obj, {}))[1][key] = new_key
+        for obj, names in renames.values():  # in place, keeping the order (last one wins)
+            items = list(obj.items())
+            obj.clear()
+            for key, value in items:
+                obj[names.get(key, key)] = value
+        return box[0]
+
+    def _copy(self, out: Any, slot: str | int, node: Any, states: int, counts: Counts, walk: _Walk) -> None:
+        """``out[slot]`` = a copy of ``node`` with field rules applied; scannable leaves noted.
+
+        The hot loop of JSON masking: one call per container, scalars inline, path transitions
+        and keys already known to be clean looked up in caches."""
+        scans = walk.scans
         if isinstance(node, dict):
-            out: dict[str, Any] = {}
-            for key, value in node.items():
-                new_key = self._json_key(key, counts) if self._scans else key
-                out[new_key] = self._child(key, len(node), value, states, counts)
-            return out
-        if isinstance(node, list):
-            return [self._child(i, len(node), v, states, counts) for i, v in enumerate(node)]
-        if not self._scans or isinstance(node, bool) or node is None:
-            return node
-        if isinstance(node, str):
-            try:
-                data = node.encode("utf-8", "surrogatepass")
-                masked = self._replace(data, self._scanner.scan_bytes(data), counts, null_ok=True)
-            except _NullValue:
-                return None
-            return node if masked is data else masked.decode("utf-8", "surrogatepass")
-        if isinstance(node, int | float):
-            text = str(node)
-            data = text.encode()
-            try:
-                masked = self._replace(data, self._scanner.scan_bytes(data), counts, null_ok=True)
-            except _NullValue:
-                return None
-            return node if masked is data else masked.decode()
-        return node
+            pairs: Iterable[tuple[Any, Any]] = node.items()
+            copy: Any = {}
+            keys = scans
+        elif isinstance(node, list):
+            pairs = enumerate(node)
+            copy = [None] * len(node)
+            keys = False
+        else:
+            out[slot] = node
+            if scans and _scannable(node):
+                walk.leaf(out, slot, node)
+            return
+        out[slot] = copy
+        length = len(node)
+        transitions, clean = self._transitions, self._clean_keys
+        values, texts = walk.values, walk.texts
+        for key, value in pairs:
+            if keys and key not in clean:
+                walk.keys.append((copy, key))
+            nxt = states
+            if states:
+                hit, nxt = transitions.get((states, key)) or self._transition(states, key, length)
+                if hit is not None:
+                    _bump(counts, hit)
+                    copy[key] = self._json_masked(hit, value)
+                    continue
+            kind = type(value)
+            if kind is str:
+                copy[key] = value
+                if scans:
+                    values.append((copy, key))
+                    texts.append(value)
+            elif kind is int or kind is float:
+                copy[key] = value
+                if scans:
+                    values.append((copy, key))
+                    texts.append(str(value))
+            elif kind is bool or value is None:
+                copy[key] = value
+            else:  # containers, and the unusual (subclasses, other types)
+                self._copy(copy, key, value, nxt, counts, walk)
 
-    def _child(
-        self, key: str | int, length: int, value: Any, states: tuple[_State, ...], counts: Counts
-    ) -> Any:
-        if not states:
-            return self._walk(value, states, counts) if self._scans else value
+    def _transition(self, states: int, key: str | int, length: int) -> tuple[MaskingRule | None, int]:
+        """Where the field paths go below ``key``: the rule masking its value, or the state set
+        for its children. The same keys recur in every document, so the answer is cached (not
+        for list indexes a negative index step depends on, nor for long keys)."""
         nxt: list[_State] = []
         hit: MaskingRule | None = None
-        for pi, si in states:
+        depends_on_length = False
+        for pi, si in self._state_sets[states]:
             path = self._paths[pi]
             step = path.steps[si]
+            depends_on_length |= step.kind == "index" and isinstance(step.key, int) and step.key < 0
             if step.descendant:
                 nxt.append((pi, si))
             if step.accepts(key, length):
@@ -568,10 +679,20 @@ class Masker:
                     hit = strictest((hit, path.rule))
                 else:
                     nxt.append((pi, si + 1))
-        if hit is not None:
-            _bump(counts, hit)
-            return self._json_masked(hit, value)
-        return self._walk(value, tuple(dict.fromkeys(nxt)), counts)
+        result = (hit, self._state_set(tuple(dict.fromkeys(nxt))))
+        if not depends_on_length and (isinstance(key, int) or len(key) <= _MAX_CACHED_KEY):
+            if len(self._transitions) >= _MAX_TRANSITIONS:
+                self._transitions.clear()
+            self._transitions[(states, key)] = result
+        return result
+
+    def _state_set(self, states: tuple[_State, ...]) -> int:
+        """A set of path states by number (0: none); finitely many, all derived from the paths."""
+        sid = self._state_ids.get(states)
+        if sid is None:
+            sid = self._state_ids[states] = len(self._state_sets)
+            self._state_sets.append(states)
+        return sid
 
     def _json_masked(self, rule: MaskingRule, value: Any) -> Any:
         if isinstance(value, str):
@@ -582,10 +703,29 @@ class Masker:
             text = json.dumps(value)
         return apply_strategy(rule, text, self._key)
 
-    def _json_key(self, key: str, counts: Counts) -> str:
-        data = key.encode("utf-8", "surrogatepass")
-        masked = self._replace(data, self._scanner.scan_bytes(data), counts, null_ok=False)
-        return key if masked is data else masked.decode("utf-8", "surrogatepass")
+
+class _Walk:
+    """What one walk over a JSON document collects for the scan: value slots, then keys."""
+
+    __slots__ = ("keys", "scans", "texts", "values")
+
+    def __init__(self, scans: bool) -> None:
+        self.scans = scans
+        self.values: list[tuple[Any, str | int]] = []  # (container in the copy, key or index)
+        self.texts: list[str] = []  # the values' texts; the keys' are appended before the scan
+        self.keys: list[tuple[dict[str, Any], str]] = []  # keys not known to be clean
+
+    def leaf(self, container: Any, slot: str | int, value: Any) -> None:
+        self.values.append((container, slot))
+        self.texts.append(value if isinstance(value, str) else str(value))
+
+
+def _scannable(node: Any) -> bool:
+    """Strings and numbers (card numbers are sometimes sent as numbers), not booleans or null."""
+    return isinstance(node, _SCANNABLE) and not isinstance(node, bool)
+
+
+_SCANNABLE = (str, int, float)
 
 
 def _text_like(oid: int) -> bool:

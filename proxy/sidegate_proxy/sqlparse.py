@@ -22,8 +22,10 @@ from typing import Any
 from postgast.native import lib as _lib
 
 __all__ = [
+    "ALL_COLUMNS",
     "COMMAND_GROUPS",
     "DYNAMIC_SQL_FUNCTIONS",
+    "ColumnReads",
     "GROUPS",
     "Classified",
     "SQLSyntaxError",
@@ -151,6 +153,11 @@ _CACHE_MAX_TEXT = 64 * 1024  # longer texts are classified every time rather tha
 _MAX_DEPTH = 4  # nesting of bodies parsed as text (DO, function bodies, PL/pgSQL expressions)
 
 
+# A column read meaning "every column of every relation the statement reads" (see StatementInfo).
+ALL_COLUMNS = "*"
+_EVERY: frozenset[str] = frozenset({ALL_COLUMNS})
+
+
 class SQLSyntaxError(ValueError):
     """PostgreSQL's grammar rejects the text."""
 
@@ -165,9 +172,58 @@ class StatementInfo:
     tables: frozenset[str] = frozenset()
     functions: frozenset[str] = frozenset()
     writes_without_where: frozenset[str] = frozenset()
+    # The columns it reads: see ``columns`` (the default: a statement not understood reads all).
+    reads: ColumnReads = field(default_factory=lambda: ColumnReads(_EVERY))
     # PREPARE / EXECUTE / DEALLOCATE name (None for DEALLOCATE ALL): the PG proxy tracks these per
     # session and hands them back to ``resolve_execute``.
     prepared_name: str | None = None
+
+    @property
+    def columns(self) -> frozenset[str]:
+        """The columns it reads, lowercase: ``rel.col`` where the FROM clause says which relation
+        (``rel`` as written there, aliases resolved), a bare ``col`` when it could be any visible
+        relation's, ``rel.*`` for a star or a whole-row reference (``row_to_json(c)``, ``c::text``),
+        ``*`` for every column of every relation. ``count(*)`` reads none."""
+        return self.reads.columns
+
+
+class ColumnReads:
+    """A statement's column references, resolved against its FROM clauses on first use: only
+    masking asks, and only for results with columns of unknown origin, so the walk just notes them
+    (classify stays as fast as it was)."""
+
+    __slots__ = ("_columns", "_fixed", "_refs", "_scopes")
+
+    def __init__(self, fixed: Iterable[str] = (), scopes: Iterable[_Scope] = (),
+                 refs: Iterable[tuple[_Scope, Any]] = ()) -> None:
+        self._fixed = frozenset(fixed)
+        self._scopes = tuple(scopes)
+        self._refs = tuple(refs)
+        self._columns: frozenset[str] | None = None if self._scopes or self._refs else self._fixed
+
+    @property
+    def columns(self) -> frozenset[str]:
+        if self._columns is None:
+            out = set(self._fixed)
+            try:
+                for scope in self._scopes:
+                    scope.build(out)
+                for scope, fields in self._refs:
+                    _column_ref(scope, fields, out)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                out.add(ALL_COLUMNS)  # a tree shape not foreseen: every column, fail closed
+            self._columns = frozenset(out)
+            self._scopes, self._refs = (), ()  # the parse tree is not needed any more
+        return self._columns
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ColumnReads) and self.columns == other.columns
+
+    def __hash__(self) -> int:
+        return hash(self.columns)
+
+    def __repr__(self) -> str:
+        return f"ColumnReads({sorted(self.columns)!r})"
 
 
 @dataclass(frozen=True)
@@ -193,6 +249,10 @@ class Classified:
     @property
     def functions(self) -> frozenset[str]:
         return frozenset[str]().union(*(s.functions for s in self.statements))
+
+    @property
+    def columns(self) -> frozenset[str]:
+        return frozenset[str]().union(*(s.columns for s in self.statements))
 
 
 def groups_of(commands: Iterable[str]) -> frozenset[str]:
@@ -264,11 +324,15 @@ class _Acc:
         self.tables: set[str] = set()
         self.functions: set[str] = set()
         self.without_where: set[str] = set()
+        self.columns: set[str] = set()  # column reads known as such during the walk
+        self.scopes: list[_Scope] = []
+        self.refs: list[tuple[_Scope, Any]] = []  # ColumnRef fields, resolved on first use
         self.prepared_name: str | None = None
 
     def merge(self, info: StatementInfo, executed: bool) -> None:
         self.tables |= info.tables
         self.functions |= info.functions
+        self.columns |= info.columns
         if executed:
             self.commands |= info.commands
             self.without_where |= info.writes_without_where
@@ -286,26 +350,193 @@ class _Acc:
             tables=frozenset(self.tables),
             functions=frozenset(self.functions),
             writes_without_where=frozenset(self.without_where),
+            reads=ColumnReads(self.columns, self.scopes, self.refs),
             prepared_name=self.prepared_name,
         )
 
 
-@dataclass
+class _Scope:
+    """One query level's FROM clause, for resolving column references: each name a column can be
+    qualified with (alias, or table name as written) to the relations behind it; a subquery, CTE
+    or function is ``()`` (what it reads is collected from its own body). A subquery sees the
+    enclosing levels too. Built on first use (``ColumnReads``), enclosing levels first."""
+
+    __slots__ = ("blind", "built", "ctes", "items", "names", "opaque", "parent", "relations", "visible",
+                 "with_clause")
+
+    def __init__(self, parent: _Scope | None, items: Iterable[Any] = (), with_clause: Any = None,
+                 opaque: bool = False) -> None:
+        self.parent = parent
+        self.items = items
+        self.with_clause = with_clause
+        self.names: dict[str, tuple[str, ...]] = {}  # this level's, then the visible ones
+        self.relations: list[str] = []
+        self.opaque = opaque  # something in FROM not understood: unqualified names stay bare
+        self.ctes: frozenset[str] = frozenset()
+        self.visible: tuple[str, ...] = ()  # relations of this level and the enclosing ones
+        self.blind = opaque
+        self.built = parent is None and not items and not with_clause
+
+    def build(self, out: set[str]) -> None:
+        if self.built:
+            return
+        self.built = True
+        parent = self.parent
+        if parent is not None:
+            parent.build(out)
+            self.ctes = parent.ctes
+        if type(self.with_clause) is dict:
+            names = [c["CommonTableExpr"].get("ctename") for c in self.with_clause.get("ctes") or ()
+                     if type(c) is dict and type(c.get("CommonTableExpr")) is dict]
+            self.ctes = self.ctes | {n.lower() for n in names if type(n) is str}
+        for item in self.items:
+            self.add_from(item, self.ctes, out)
+        if parent is None:
+            self.visible, self.blind = tuple(self.relations), self.opaque
+        else:
+            self.names = {**parent.names, **self.names}
+            self.visible = (*self.relations, *parent.visible)
+            self.blind = self.opaque or parent.blind
+
+    def lookup(self, qualifier: str) -> tuple[str, ...] | None:
+        return self.names.get(qualifier)
+
+    def unqualified(self, name: str, out: set[str]) -> None:
+        """A bare name: a column of any relation in scope (inner levels first in PostgreSQL, but
+        which relation has it is the catalog's to say), or a whole-row reference to one."""
+        rows = self.names.get(name)
+        if rows:
+            out.update([rel + ".*" for rel in rows])
+        if self.blind:
+            out.add(name)
+        else:
+            out.update([rel + "." + name for rel in self.visible])
+
+    def add_from(self, item: Any, ctes: frozenset[str], out: set[str]) -> tuple[str, ...]:  # noqa: C901
+        """One FROM item (or join side) into the scope; the relations it holds. A join's USING
+        columns are read (NATURAL: whichever columns the sides share)."""
+        if type(item) is not dict or len(item) != 1:
+            self.opaque = True
+            return ()
+        ((kind, v),) = item.items()
+        alias = v.get("alias")
+        aliasname = alias.get("aliasname") if type(alias) is dict else None
+        if kind == "RangeVar":
+            name = _rangevar_name(v)
+            if not v.get("schemaname") and name in ctes:
+                rels: tuple[str, ...] = ()
+            else:
+                rels = (name,)
+                self.relations.append(name)
+            if aliasname:
+                self.names[aliasname.lower()] = rels
+            else:
+                self.names[name] = rels
+                self.names.setdefault(name.rsplit(".", 1)[-1], rels)
+            return rels
+        if kind == "JoinExpr":
+            rels = self.add_from(v.get("larg"), ctes, out) + self.add_from(v.get("rarg"), ctes, out)
+            if v.get("isNatural"):
+                out.update([f"{rel}.*" for rel in rels])
+            for name in v.get("usingClause") or ():
+                col = _sval(name)
+                out.update([f"{rel}.{col.lower()}" for rel in rels] if col else [ALL_COLUMNS])
+        elif kind == "RangeTableSample":
+            rels = self.add_from(v.get("relation"), ctes, out)
+        elif kind in _DERIVED_FROM:
+            rels = ()
+        else:
+            self.opaque = True
+            return ()
+        if aliasname:
+            self.names[aliasname.lower()] = rels
+        return rels
+
+
+# FROM items whose columns come from their own bodies (walked like everything else).
+_DERIVED_FROM = frozenset({"RangeSubselect", "RangeFunction", "RangeTableFunc", "JsonTable"})
+
+
+def _column_ref(scope: _Scope, fields: Any, out: set[str]) -> None:
+    """One ColumnRef as column reads (see ``StatementInfo.columns``)."""
+    if type(fields) is list and len(fields) <= 2:  # the usual ``col`` and ``rel.col``: no detour
+        last = fields[-1].get("String") if fields and type(fields[-1]) is dict else None
+        if last is not None:
+            if len(fields) == 1:
+                scope.unqualified(last["sval"].lower(), out)
+                return
+            first = fields[0].get("String") if type(fields[0]) is dict else None
+            if first is not None:
+                found = scope.names.get(first["sval"].lower())
+                if found is not None:
+                    col = last["sval"].lower()
+                    out.update([rel + "." + col for rel in found])
+                    return
+    names: list[str] = []
+    star = False
+    for f in fields if type(fields) is list else ():
+        s = f.get("String") if type(f) is dict else None
+        if s is not None:
+            names.append(s["sval"].lower())
+        elif type(f) is dict and "A_Star" in f:
+            star = True
+        else:
+            out.add(ALL_COLUMNS)
+            return
+    n = len(names)
+    if star:
+        if n:
+            found = scope.lookup(".".join(names))
+            if found is None:
+                out.add(ALL_COLUMNS)
+            else:
+                out.update([rel + ".*" for rel in found])
+        else:
+            out.update([rel + ".*" for rel in scope.relations])
+            if scope.opaque:
+                out.add(ALL_COLUMNS)
+    elif n == 1:
+        scope.unqualified(names[0], out)
+    elif n == 0:
+        out.add(ALL_COLUMNS)
+    else:
+        # rel.col (schema.rel.col), else rel.col.field, else col.field of a composite column
+        for cut in (n - 1, n - 2):
+            found = scope.lookup(".".join(names[:cut])) if cut else None
+            if found is not None:
+                out.update([f"{rel}.{names[cut]}" for rel in found])
+                return
+        scope.unqualified(names[0], out)
+        out.add(names[-1])
+
+
 class _Walk:
     """One statement's walk: ``executed`` is False below EXPLAIN (no ANALYZE) and function bodies,
     where tables and functions are still collected but commands are not (nothing runs)."""
 
-    acc: _Acc
-    text: str
-    depth: int
-    stack: list[tuple[Any, bool]] = field(default_factory=list)
+    __slots__ = ("acc", "depth", "root", "scope", "stack", "text")
 
+    def __init__(self, acc: _Acc, text: str, depth: int) -> None:
+        self.acc = acc
+        self.text = text
+        self.depth = depth
+        # each entry: a subtree and its context (whether it runs, the query level its column
+        # references are in), one shared tuple per handler call: the loop only passes it on
+        self.stack: list[tuple[Any, _Ctx]] = []
+        # outside any query level (DDL, CALL arguments...) a column reference may be anything's
+        self.root = self.scope = _Scope(None, opaque=True)
     def command(self, executed: bool, *names: str) -> None:
         if executed:
             self.acc.commands.update(names)
 
     def push(self, node: Any, executed: bool) -> None:
-        self.stack.append((node, executed))
+        self.stack.append((node, (executed, self.scope)))
+
+    def enter(self, v: Mapping[str, Any], from_items: Iterable[Any]) -> None:
+        """A new query level for everything below it (a subquery may refer to enclosing levels)."""
+        parent = self.scope
+        self.scope = scope = _Scope(None if parent is self.root else parent, from_items, v.get("withClause"))
+        self.acc.scopes.append(scope)
 
     def body(self, sql: str, executed: bool) -> None:
         """SQL held as text (function and DO bodies): classified in turn, up to a fixed depth."""
@@ -425,6 +656,7 @@ def _dollar_quote(body: str) -> str:
 # what is in them runs). Node types that are not listed and end in "Stmt" are unknown.
 
 _Handler = Callable[[_Walk, Mapping[str, Any], bool], None]
+_Ctx = tuple[bool, "_Scope"]
 
 
 _CONTAINERS = (dict, list)
@@ -435,9 +667,23 @@ _LEAVES = frozenset(
 
 
 def _push_all(w: _Walk, v: Mapping[str, Any], executed: bool, skip: tuple[str, ...] = ()) -> None:
+    ctx = (executed, w.scope)
     w.stack.extend(
-        [(child, executed) for key, child in v.items() if type(child) in _CONTAINERS and key not in skip]
+        [(child, ctx) for key, child in v.items() if type(child) in _CONTAINERS and key not in skip]
     )
+
+
+def _relation(v: Mapping[str, Any], *keys: str) -> list[Any]:
+    """FROM items of a DML statement: its target relation (a bare RangeVar) and the lists at keys."""
+    target = v.get("relation")
+    items: list[Any] = [{"RangeVar": target}] if type(target) is dict else []
+    for key in keys:
+        more = v.get(key)
+        if type(more) is list:
+            items.extend(more)
+        elif type(more) is dict:
+            items.append(more)
+    return items
 
 
 def _simple(*commands: str) -> _Handler:
@@ -452,7 +698,13 @@ def _select(w: _Walk, v: Mapping[str, Any], executed: bool) -> None:
     w.command(executed, "select")
     if v.get("intoClause"):
         w.command(executed, "create", "select_into")
-    _push_all(w, v, executed)
+    w.enter(v, v.get("fromClause") or ())
+    if v.get("op", "SETOP_NONE") != "SETOP_NONE":
+        # each side of a UNION is a query level of its own
+        _push_all(w, v, executed, skip=("larg", "rarg"))
+        w.push([{"SelectStmt": v[k]} for k in ("larg", "rarg") if type(v.get(k)) is dict], executed)
+    else:
+        _push_all(w, v, executed)
 
 
 def _update_delete(command: str) -> _Handler:
@@ -460,6 +712,7 @@ def _update_delete(command: str) -> _Handler:
         w.command(executed, command)
         if executed and not v.get("whereClause"):
             w.acc.without_where.add(command)
+        w.enter(v, _relation(v, "fromClause", "usingClause"))
         _push_all(w, v, executed)
 
     return handler
@@ -467,6 +720,7 @@ def _update_delete(command: str) -> _Handler:
 
 def _insert(w: _Walk, v: Mapping[str, Any], executed: bool) -> None:
     w.command(executed, "insert")
+    w.enter(v, _relation(v))
     conflict = v.get("onConflictClause")
     if isinstance(conflict, dict) and conflict.get("action") == "ONCONFLICT_UPDATE":
         w.command(executed, "update")
@@ -487,6 +741,7 @@ def _merge(w: _Walk, v: Mapping[str, Any], executed: bool) -> None:
         ctype = when.get("commandType", "") if isinstance(when, dict) else ""
         if ctype in ("CMD_INSERT", "CMD_UPDATE", "CMD_DELETE"):
             w.command(executed, ctype[4:].lower())
+    w.enter(v, _relation(v, "sourceRelation"))
     _push_all(w, v, executed)
 
 
@@ -499,6 +754,11 @@ def _truncate(w: _Walk, v: Mapping[str, Any], executed: bool) -> None:
 
 def _copy(w: _Walk, v: Mapping[str, Any], executed: bool) -> None:
     w.command(executed, "copy", "copy_from" if v.get("is_from") else "copy_to")
+    relation = v.get("relation")
+    if type(relation) is dict:
+        name = _rangevar_name(relation)
+        cols = [_sval(a) for a in v.get("attlist") or ()]
+        w.acc.columns.update([f"{name}.{c.lower()}" if c else f"{name}.*" for c in cols] or [f"{name}.*"])
     if v.get("is_program"):
         w.command(executed, "copy_program")
     elif v.get("filename") is not None:
@@ -521,6 +781,7 @@ def _prepare(w: _Walk, v: Mapping[str, Any], executed: bool) -> None:
 
 def _execute(w: _Walk, v: Mapping[str, Any], executed: bool) -> None:
     w.command(executed, "execute", "unknown")
+    w.acc.columns.add(ALL_COLUMNS)  # until resolved, like the commands
     w.acc.prepared_name = v.get("name")
     _push_all(w, v, executed)
 
@@ -693,12 +954,12 @@ def _statement_handler(node_type: str) -> _Handler | None:
 def _walk_statement(tree: Any, text: str, depth: int) -> StatementInfo:
     w = _Walk(acc=_Acc(), text=text, depth=depth)
     stack = w.stack
-    stack.append((tree, True))
-    tables, functions = w.acc.tables, w.acc.functions
+    stack.append((tree, (True, w.root)))
+    tables, functions, refs = w.acc.tables, w.acc.functions, w.acc.refs
     while stack:
-        node, executed = stack.pop()
+        node, ctx = stack.pop()
         if type(node) is list:
-            stack.extend([(child, executed) for child in node if type(child) in _CONTAINERS])
+            stack.extend([(child, ctx) for child in node if type(child) in _CONTAINERS])
             continue
         if type(node) is not dict:
             continue
@@ -709,23 +970,26 @@ def _walk_statement(tree: Any, text: str, depth: int) -> StatementInfo:
             if name:
                 functions.add(name)
                 if name.rsplit(".", 1)[-1] in DYNAMIC_SQL_FUNCTIONS:
-                    w.command(executed, "unknown")
+                    w.command(ctx[0], "unknown")
         for key, value in node.items():
             kind = type(value)
             if kind is dict:
                 if key in _LEAVES:
+                    if key == "ColumnRef":
+                        refs.append((ctx[1], value.get("fields")))
                     continue
                 if key[-4:] == "Stmt" and key[0].isupper():
                     handler = _statement_handler(key)
                     if handler is None:
-                        w.command(executed, "unknown")
-                        stack.append((value, executed))
+                        w.command(ctx[0], "unknown")
+                        stack.append((value, ctx))
                     else:
-                        handler(w, value, executed)
+                        w.scope = ctx[1]
+                        handler(w, value, ctx[0])
                 else:
-                    stack.append((value, executed))
+                    stack.append((value, ctx))
             elif kind is list:
-                stack.append((value, executed))
+                stack.append((value, ctx))
     return w.acc.freeze(text)
 
 
@@ -780,5 +1044,6 @@ def resolve_execute(execute: StatementInfo, prepare_text: str) -> StatementInfo:
         tables=execute.tables | prepared.tables,
         functions=execute.functions | prepared.functions,
         writes_without_where=execute.writes_without_where | prepared.without_where,
+        reads=ColumnReads((execute.columns - _EVERY) | prepared.columns),
         prepared_name=execute.prepared_name,
     )
