@@ -1,0 +1,325 @@
+"""PostgreSQL data plane benchmark: pgbench select-only through Sidegate vs direct vs PgBouncer.
+
+Not a test: prints a table. One throwaway PostgreSQL (``LocalPostgres``) initialised by
+``pgbench -i`` at a small scale; three targets in front of it, measured one after the other in
+the same run so the ratios compare like with like:
+
+* direct: pgbench to PostgreSQL (SCRAM);
+* PgBouncer: Debian's pgbouncer, ``pool_mode = transaction`` (for ``-M prepared`` a session-mode
+  alias of the same database, since PgBouncer before 1.21 cannot keep protocol-level prepared
+  statements across transaction pooling), SCRAM with a userlist;
+* Sidegate: ``sidegate proxy --manifests DIR`` in its own process, the demo's policy (JWT
+  password from a local issuer, guardrails, masking active for the caller, audit to a spool).
+
+Each runs ``pgbench -S -n`` for a fixed duration at 1 and 8 clients, with the simple protocol
+(pgbench's default) and ``-M prepared`` (extended protocol). pgbench reports TPS and average
+latency; p50/p99 come from its per-transaction logs (``-l``). Every process shares the
+machine's cores: nothing is pinned, so the proxies compete with pgbench and PostgreSQL.
+
+    .venv/bin/python bench/bench_pg.py --quick
+    .venv/bin/python bench/bench_pg.py --duration 20 --scale 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "proxy"), str(ROOT / "operator")]
+
+from sidegate_proxy.demo import DEMO_MANIFESTS, LocalIssuer  # noqa: E402
+from sidegate_proxy.localpg import LocalPostgres, free_port, wait_port  # noqa: E402
+
+PGBOUNCER = "/usr/sbin/pgbouncer"
+CLIENTS = (1, 8)
+MODES = ("simple", "prepared")
+BOT = "system:serviceaccount:payments:pgbench"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    port: int
+    user: str
+    password: str
+    database: str
+
+
+@dataclass
+class Result:
+    target: str
+    mode: str
+    clients: int
+    tps: float
+    latency_avg_ms: float
+    p50_ms: float
+    p99_ms: float
+    transactions: int
+    failed: int
+    added_ms: float = 0.0  # average latency minus direct's, same mode and clients
+    tps_ratio: float = 1.0  # TPS over direct's, same mode and clients
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def pg_tool(name: str, pg: LocalPostgres) -> str:
+    return shutil.which(name) or str(pg.bin / name)
+
+
+def write_manifests(folder: Path, pg: LocalPostgres, issuer: LocalIssuer, port: int) -> str:
+    """The demo's Connection and MaskingPolicy, pointed at this cluster, plus their Secrets."""
+    docs = [d for d in yaml.safe_load_all(DEMO_MANIFESTS) if d]
+    conn = docs[0]
+    conn["spec"]["target"].update(host=pg.host, port=pg.port, database=pg.database)
+    conn["spec"]["listen"] = {"port": port}
+    ns = conn["metadata"]["namespace"]
+    secrets = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "orders-db-admin", "namespace": ns},
+         "stringData": {"username": pg.user, "password": pg.password}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-jwks", "namespace": ns},
+         "stringData": {"jwks.json": issuer.jwks().decode()}},
+    ]
+    (folder / "sidegate.yaml").write_text(yaml.safe_dump_all([*docs, *secrets], sort_keys=False))
+    return str(conn["metadata"]["name"])
+
+
+@contextlib.contextmanager
+def sidegate(pg: LocalPostgres, issuer: LocalIssuer, workdir: Path) -> Iterator[int]:
+    """``sidegate proxy --manifests`` as production runs it: its own process, audit spooled."""
+    port = free_port()
+    manifests = workdir / "manifests"
+    manifests.mkdir()
+    name = write_manifests(manifests, pg, issuer, port)
+    log = (workdir / "sidegate.log").open("wb")
+    argv = [sys.executable, "-m", "sidegate_operator.cli", "proxy", "--manifests", str(manifests),
+            "--connection", name, "--listen", f"127.0.0.1:{port}", "--admin", "off",
+            "--audit-dir", str(workdir / "spool"), "--no-audit-stdout", "--log-level", "WARNING"]
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_port("127.0.0.1", port, timeout=30)
+        except TimeoutError:
+            raise RuntimeError(f"sidegate did not start: {(workdir / 'sidegate.log').read_text()}") from None
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@contextlib.contextmanager
+def pgbouncer(pg: LocalPostgres, workdir: Path) -> Iterator[int]:
+    """PgBouncer on loopback: ``app`` in transaction mode, ``app_session`` in session mode."""
+    port = free_port()
+    folder = workdir / "pgbouncer"
+    folder.mkdir()
+    (folder / "userlist.txt").write_text(f'"{pg.user}" "{pg.password}"\n')
+    upstream = f"host={pg.host} port={pg.port} dbname={pg.database}"
+    (folder / "pgbouncer.ini").write_text(f"""\
+[databases]
+{pg.database} = {upstream}
+{pg.database}_session = {upstream} pool_mode=session
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {folder}/userlist.txt
+pool_mode = transaction
+default_pool_size = 8
+max_client_conn = 100
+logfile = {folder}/pgbouncer.log
+pidfile = {folder}/pgbouncer.pid
+""")
+    argv = [PGBOUNCER, str(folder / "pgbouncer.ini")]
+    if os.geteuid() == 0:  # PgBouncer refuses to run as root, like PostgreSQL
+        pw = pwd.getpwnam("postgres")
+        for p in (workdir, folder, *folder.iterdir()):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        argv = ["runuser", "-u", "postgres", "--", *argv]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_port("127.0.0.1", port, timeout=15)
+        except TimeoutError:
+            log = folder / "pgbouncer.log"
+            raise RuntimeError(f"pgbouncer did not start: {log.read_text() if log.exists() else ''}") from None
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _env(target: Target) -> dict[str, str]:
+    return {**os.environ, "PGPASSWORD": target.password, "PGCONNECT_TIMEOUT": "10", "PGSSLMODE": "disable"}
+
+
+def psql(pg: LocalPostgres, target: Target, sql: str) -> tuple[int, str]:
+    argv = [pg_tool("psql", pg), "-X", "-At", "-h", "127.0.0.1", "-p", str(target.port), "-U", target.user,
+            "-d", target.database, "-c", sql]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=_env(target), timeout=60, check=False)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def check_policy(pg: LocalPostgres, target: Target) -> None:
+    """Refuse to benchmark a Sidegate that is not doing its job for this caller."""
+    code, out = psql(pg, target, "SELECT 'someone@example.com'::text AS email")
+    if code != 0 or "someone@example.com" in out:
+        raise RuntimeError(f"masking is not active for the benchmark caller: {out}")
+    code, out = psql(pg, target, "DROP TABLE pgbench_history")
+    if code == 0 or "no-drop" not in out:
+        raise RuntimeError(f"the no-drop guardrail did not block: {out}")
+
+
+def _find(pattern: str, text: str, what: str) -> str:
+    m = re.search(pattern, text)
+    if m is None:
+        raise RuntimeError(f"cannot find {what} in pgbench output:\n{text}")
+    return m.group(1)
+
+
+def pgbench(pg: LocalPostgres, target: Target, mode: str, clients: int, duration: int, logdir: Path) -> Result:
+    prefix = logdir / f"{re.sub(r'[^a-z0-9]+', '_', target.name.lower())}_{mode}_{clients}"
+    argv = [pg_tool("pgbench", pg), "-n", "-S", "-M", mode, "-c", str(clients), "-j", "1", "-T", str(duration),
+            "-l", f"--log-prefix={prefix}", "-h", "127.0.0.1", "-p", str(target.port), "-U", target.user,
+            target.database]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=_env(target), timeout=duration + 120,
+                          check=False)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"pgbench against {target.name} failed ({proc.returncode}):\n{out}")
+    latencies = sorted(
+        int(line.split()[2])
+        for log in prefix.parent.glob(prefix.name + ".*")
+        for line in log.read_text().splitlines()
+        if line.strip()
+    )
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0] if latencies else 0] * 99
+    failed = _find(r"number of failed transactions: (\d+)", out, "failed transactions") \
+        if "failed transactions" in out else "0"
+    return Result(
+        target=target.name, mode=mode, clients=clients,
+        tps=float(_find(r"tps = ([\d.]+) \(without initial connection time\)", out, "tps")),
+        latency_avg_ms=float(_find(r"latency average = ([\d.]+) ms", out, "latency average")),
+        p50_ms=q[49] / 1000.0, p99_ms=q[98] / 1000.0,
+        transactions=int(_find(r"number of transactions actually processed: (\d+)", out, "transactions")),
+        failed=int(failed),
+    )
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(quick: bool = False, duration: int | None = None, scale: int | None = None) -> dict[str, Any]:
+    """Every target at every mode and client count; ratios are against direct at the same point."""
+    duration = duration or (3 if quick else 10)
+    scale = scale or (2 if quick else 5)
+    issuer = LocalIssuer()
+    workdir = Path(tempfile.mkdtemp(prefix="sidegate-bench-pg-"))
+    os.chmod(workdir, 0o755)
+    try:
+        with LocalPostgres() as pg, sidegate(pg, issuer, workdir) as sg_port, pgbouncer(pg, workdir) as pb_port:
+            subprocess.run([pg_tool("pgbench", pg), "-i", "-q", "-s", str(scale), "-h", str(pg.sockdir), "-p",
+                            str(pg.port), "-U", pg.user, pg.database], check=True, capture_output=True)
+            direct = Target("direct", pg.port, pg.user, pg.password, pg.database)
+            bouncer = Target("PgBouncer", pb_port, pg.user, pg.password, pg.database)
+            bouncer_session = Target("PgBouncer", pb_port, pg.user, pg.password, f"{pg.database}_session")
+            gate = Target("Sidegate", sg_port, "bot", issuer.mint(BOT), pg.database)
+            check_policy(pg, gate)
+            logdir = workdir / "logs"
+            logdir.mkdir()
+            results: list[Result] = []
+            for mode in MODES:
+                for clients in CLIENTS:
+                    for target in (direct, bouncer_session if mode == "prepared" else bouncer, gate):
+                        results.append(pgbench(pg, target, mode, clients, duration, logdir))
+            versions = {
+                "postgres": subprocess.run([str(pg.bin / "postgres"), "--version"], capture_output=True,
+                                           text=True, check=False).stdout.strip(),
+                "pgbench": subprocess.run([pg_tool("pgbench", pg), "--version"], capture_output=True,
+                                          text=True, check=False).stdout.strip(),
+                "pgbouncer": subprocess.run([PGBOUNCER, "--version"], capture_output=True, text=True,
+                                            check=False).stdout.splitlines()[0].strip(),
+            }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    base = {(r.mode, r.clients): r for r in results if r.target == "direct"}
+    for r in results:
+        d = base[(r.mode, r.clients)]
+        r.added_ms = r.latency_avg_ms - d.latency_avg_ms
+        r.tps_ratio = r.tps / d.tps if d.tps else 0.0
+    return {
+        "duration_s": duration,
+        "scale": scale,
+        "cpus": os.cpu_count(),
+        "versions": versions,
+        "notes": [
+            "pgbench -S -n -j 1, one fixed-duration run per target/mode/clients, nothing pinned",
+            "PgBouncer: pool_mode=transaction for simple; session-mode alias for -M prepared "
+            "(PgBouncer < 1.21 cannot pool protocol-level prepared statements in transaction mode)",
+            "Sidegate: separate process, JWT password (token cache), guardrails, masking active for "
+            "the caller (demo policy), audit spooled to disk (stdout audit off)",
+        ],
+        "results": [asdict(r) for r in results],
+    }
+
+
+def format_table(data: dict[str, Any]) -> str:
+    lines = [
+        f"{'target':<11}{'mode':<10}{'clients':>8}{'TPS':>10}{'avg ms':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'+avg ms':>9}{'TPS/direct':>11}{'failed':>8}",
+    ]
+    for r in data["results"]:
+        lines.append(
+            f"{r['target']:<11}{r['mode']:<10}{r['clients']:>8}{r['tps']:>10.0f}{r['latency_avg_ms']:>9.3f}"
+            f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['added_ms']:>9.3f}{r['tps_ratio']:>11.2f}"
+            f"{r['failed']:>8}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 s per run, scale 2 (about 1 minute in all)")
+    ap.add_argument("--duration", type=int, default=None, help="seconds per pgbench run (default 10)")
+    ap.add_argument("--scale", type=int, default=None, help="pgbench -i scale (default 5)")
+    args = ap.parse_args()
+    data = run(args.quick, args.duration, args.scale)
+    print(f"\nPostgreSQL data plane, pgbench -S, scale {data['scale']}, {data['duration_s']} s per run, "
+          f"{data['cpus']} CPUs shared by every process\n")
+    print(format_table(data))
+    print()
+    for note in data["notes"]:
+        print(f"- {note}")
+
+
+if __name__ == "__main__":
+    main()
