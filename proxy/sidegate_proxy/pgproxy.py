@@ -42,7 +42,7 @@ import ssl
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -93,6 +93,7 @@ from .pgwire import (
 )
 from .policy import Caller, Decision, check_access
 from .secrets import SecretMissing, SecretStore
+from .sqlparse import ALL_COLUMNS
 
 __all__ = ["ProxyServer", "ProxySettings", "UpstreamError", "open_upstream"]
 
@@ -378,6 +379,10 @@ class Session:
         self.portals: dict[str, _Portal] = {}
         self.prepared: dict[str, str] = {}  # SQL-level PREPARE name -> text
         self.skip_until_sync = False
+        # Messages each way are gathered and written once per read chunk: one syscall per
+        # round trip instead of one per message (RowDescription, DataRows, CommandComplete, ...).
+        self._to_client: list[bytes] = []
+        self._to_upstream: list[bytes] = []
         self._early: list[Message] = []
         self.params: Mapping[str, str] = {}  # the client's startup parameters (application_name...)
         self.started = time.perf_counter()
@@ -420,6 +425,7 @@ class Session:
 
     def _fatal(self, sqlstate: str, message: str) -> None:
         with contextlib.suppress(Exception):
+            self._flush()
             self.writer.write(pgwire.error_response("FATAL", sqlstate, message))
 
     async def _finish(self) -> None:
@@ -625,18 +631,30 @@ class Session:
                 return
             for msg in self.fparser.feed(data):
                 if isinstance(msg, Terminate):
+                    self._flush()
                     up.writer.write(msg.raw)
                     with contextlib.suppress(Exception):
                         await up.writer.drain()
                     return
                 await self._on_frontend(msg)
+            self._flush()
             await up.writer.drain()
 
     def _send(self, data: bytes, pending: _Pending | None = None) -> None:
         assert self.upstream is not None
         if pending is not None:
             self.pending.append(pending)
-        self.upstream.writer.write(data)
+        self._to_upstream.append(data)
+
+    def _flush(self) -> None:
+        """Hand both gathered streams to their transports (in order, each as one write)."""
+        if self._to_upstream:
+            assert self.upstream is not None
+            self.upstream.writer.write(b"".join(self._to_upstream))
+            self._to_upstream.clear()
+        if self._to_client:
+            self.writer.write(b"".join(self._to_client))
+            self._to_client.clear()
 
     async def _on_frontend(self, msg: Message) -> None:
         if self.skip_until_sync and not isinstance(msg, Sync):
@@ -674,6 +692,7 @@ class Session:
         decision = verdict.decision
         if decision.action == "requireApproval":
             hook = self.server.on_approval_required
+            self._flush()  # what came before the held statement must not wait for its review
             decision = await hook(self, sql, verdict) if hook is not None else decision
         if decision.allowed and self.masker is not None and "copy_to" in verdict.commands:
             decision = await self._copy_decision(verdict, decision)
@@ -691,25 +710,36 @@ class Session:
             return refused
         return allowed
 
-    async def _reads_masked(self, tables: frozenset[str] | set[str]) -> Any:
-        """The strictest masking rule a statement reading ``tables`` touches (None: none); an
-        unresolvable name counts as touching every rule (fail closed)."""
+    async def _reads_masked(
+        self, tables: Iterable[str], columns: Iterable[str] = (ALL_COLUMNS,),
+        functions: Iterable[str] = (),
+    ) -> Any:
+        """The strictest masking rule whose column a statement reads (None: none). ``columns``
+        are the classifier's column reads (default: every column of ``tables``). A relation the
+        catalog cannot resolve counts with all its columns, and a function that may be
+        user-defined (it could read anything) makes every column of every relation read."""
         assert self.masker is not None
         masker = self.masker
         catalog = self.policy.catalog
+        wanted = _column_selection(tables, columns)
+        functions = frozenset(functions)
         if catalog is None:
-            return masker.touches_masked(tables)
+            if functions:
+                return masker.touches_masked(wanted)
+            return strictest(masker.touches_masked([t], cols) for t, cols in wanted.items())
         try:
-            reads = await catalog.reads_of(tables)
+            if functions and await catalog.user_functions(functions):
+                wanted = dict.fromkeys(wanted)
+            relations = await catalog.columns_of(wanted)
         except CatalogError:
-            return masker.touches_masked(tables)
+            return masker.touches_masked(wanted)
         rules = []
-        for name, sources in reads.items():
-            if sources is None:
+        for name, relation in relations.items():
+            if relation is None:
                 rules.append(masker.touches_masked([name]))
                 continue
             by_table: dict[str, list[str]] = {}
-            for s in sources:
+            for s in relation.reads(wanted[name]):
                 by_table.setdefault(f"{s.schema}.{s.table}", []).append(s.column)
             rules.extend(masker.touches_masked([t], cols) for t, cols in by_table.items())
         return strictest(rules)
@@ -789,10 +819,11 @@ class Session:
                 raise UpstreamError("sidegate: the target closed the connection", "closed", "08006")
             for msg in up.parser.feed(data):
                 await self._on_backend(msg)
+            self._flush()
             await self.writer.drain()
 
     def _write(self, data: bytes) -> None:
-        self.writer.write(data)
+        self._to_client.append(data)
 
     async def _on_backend(self, msg: Message) -> None:
         if isinstance(msg, DataRow):  # the hot path first
@@ -872,9 +903,15 @@ class Session:
         reads: Any = None
         if not all(c.known for c in columns):
             tables = set(verdict.tables) if verdict is not None else set()
-            tables.update(o.view for o in origins if o.view is not None)
+            reads_cols: set[str] = set()
+            for st in verdict.statements if verdict is not None else ():
+                reads_cols |= st.columns
+            for view in {o.view for o in origins if o.view is not None}:
+                if view not in tables and view.rsplit(".", 1)[-1] not in tables:
+                    tables.add(view)  # reached under a name the statement does not spell: all of it
+                    reads_cols.add(f"{view}.*")
             if tables:
-                reads = await self._reads_masked(tables)
+                reads = await self._reads_masked(tables, reads_cols, verdict.functions if verdict else ())
             elif verdict is None:
                 reads = True  # nothing known about the statement: fail closed
         plan = masker.plan_columns(columns, query_reads_masked=reads)
@@ -998,6 +1035,38 @@ class Session:
 
 def _unexpected(msg: Message) -> UpstreamError:
     return UpstreamError(f"sidegate: unexpected {type(msg).__name__} from the target", "protocol", "08P01")
+
+
+def _column_selection(tables: Iterable[str], columns: Iterable[str]) -> dict[str, frozenset[str] | None]:
+    """Column reads (``sqlparse.StatementInfo.columns``) to the columns read of each relation
+    (None: all of them): a bare name counts for every relation, as does ``rel.col`` for a
+    relation the statement does not name (the classifier saw something it could not place)."""
+    columns = frozenset(columns)
+    every = ALL_COLUMNS in columns
+    names = set(tables)
+    bare = {c for c in columns if "." not in c and c != ALL_COLUMNS}
+    placed: dict[str, set[str] | None] = {}
+    for c in columns:
+        rel, dot, col = c.rpartition(".")
+        if not dot:
+            continue
+        if rel not in names:
+            if col == "*":
+                every = True
+            else:
+                bare.add(col)
+            continue
+        current = placed.setdefault(rel, set())
+        if current is not None:
+            if col == "*":
+                placed[rel] = None
+            else:
+                current.add(col)
+    out: dict[str, frozenset[str] | None] = {}
+    for t in names:
+        extra = placed.get(t, set())
+        out[t] = None if every or extra is None else frozenset(bare | extra)
+    return out
 
 
 def _command_class(verdict: SQLVerdict | None) -> str | None:
