@@ -129,7 +129,8 @@ def test_deployment_is_hardened() -> None:
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["automountServiceAccountToken"] is False
+    # Its own account (AccessRequests, Events), bound to the proxy role in this namespace only.
+    assert pod["serviceAccountName"] == "orders-db-sidegate" and pod["automountServiceAccountToken"] is True
     assert container["args"][:3] == ["proxy", "--config", "/etc/sidegate/config.json"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
@@ -352,3 +353,14 @@ def test_policy_fingerprint_follows_only_applicable_policies() -> None:
     assert policy_fingerprint(conn, [masking(exempt={"groups": ["auditors"]})]) != base
     assert policy_fingerprint(conn, []) != base
     assert applies_to(masking(), [conn, connection("billing")]) == ["orders-db"]
+
+
+def test_gateway_account_is_bound_to_the_proxy_role_in_its_namespace() -> None:
+    conn = parse_connection(connection())
+    sa, rb = build.build_service_account(conn), build.build_role_binding(conn)
+    assert sa["metadata"]["name"] == rb["metadata"]["name"] == "orders-db-sidegate"
+    assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "sidegate-proxy"}
+    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "orders-db-sidegate", "namespace": conn.namespace}]
+    for obj in (sa, rb):
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner["kind"] == "Connection"

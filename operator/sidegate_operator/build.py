@@ -289,7 +289,9 @@ def build_deployment(conn: Connection, config_hash: str, image: str, *,
             "template": {
                 "metadata": {"labels": pod_labels, "annotations": {CONFIG_HASH_ANNOTATION: config_hash}},
                 "spec": {
-                    "automountServiceAccountToken": False,
+                    # Its own account: gateways create AccessRequests and post Events.
+                    "serviceAccountName": gateway_name(conn.name),
+                    "automountServiceAccountToken": True,
                     "enableServiceLinks": False,
                     "securityContext": {
                         "runAsNonRoot": True,
@@ -303,6 +305,27 @@ def build_deployment(conn: Connection, config_hash: str, image: str, *,
                 },
             },
         },
+    }
+
+
+PROXY_CLUSTER_ROLE = "sidegate-proxy"  # manifests/base/rbac-proxy.yaml
+
+
+def build_service_account(conn: Connection) -> dict[str, Any]:
+    """The gateway's identity towards the API server (approvals, Events), owned by the Connection."""
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": _meta(conn, gateway_name(conn.name), "gateway")}
+
+
+def build_role_binding(conn: Connection) -> dict[str, Any]:
+    """Grants the gateway's account the proxy role in its own namespace only."""
+    name = gateway_name(conn.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(conn, name, "gateway"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": PROXY_CLUSTER_ROLE},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": conn.namespace}],
     }
 
 

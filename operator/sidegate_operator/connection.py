@@ -145,6 +145,8 @@ def gateway_children(conn_obj: Mapping[str, Any], conn: Connection, config_hash:
     if conn.mode != "gateway":
         return []
     children = [
+        build.build_service_account(conn),
+        build.build_role_binding(conn),
         build.build_deployment(conn, config_hash, image, resources=build.resources_of(conn_obj)),
         build.build_service(conn),
     ]
@@ -154,7 +156,8 @@ def gateway_children(conn_obj: Mapping[str, Any], conn: Connection, config_hash:
 
 
 # (apiVersion, kind) of everything reconcile may create besides the config Secret.
-GATEWAY_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("networking.k8s.io/v1", "NetworkPolicy"))
+GATEWAY_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("networking.k8s.io/v1", "NetworkPolicy"),
+                 ("rbac.authorization.k8s.io/v1", "RoleBinding"), ("v1", "ServiceAccount"))
 
 
 # --------------------------------------------------------------------------- I/O

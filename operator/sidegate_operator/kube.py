@@ -38,6 +38,8 @@ PLURALS: Mapping[str, str] = {
     "MutatingWebhookConfiguration": "mutatingwebhookconfigurations",
     "CustomResourceDefinition": "customresourcedefinitions",
     "Namespace": "namespaces",
+    "ServiceAccount": "serviceaccounts",
+    "RoleBinding": "rolebindings",
 }
 
 
