@@ -137,7 +137,8 @@ def build_webhook_configuration(client_config: Mapping[str, Any], *, operator_na
             # be skipped silently) cannot block unrelated pods while the operator is down.
             "matchConditions": [{
                 "name": "sidegate-inject-annotated",
-                "expression": f"has(object.metadata.annotations) && '{INJECT_ANNOTATION}' in object.metadata.annotations",
+                "expression": (f"has(object.metadata.annotations) && "
+                               f"'{INJECT_ANNOTATION}' in object.metadata.annotations"),
             }],
             "failurePolicy": "Fail",
             "matchPolicy": "Equivalent",
