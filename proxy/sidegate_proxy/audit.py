@@ -23,6 +23,7 @@ import re
 import time as _time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -497,11 +498,20 @@ def ocsf_event(event: AuditEvent) -> dict[str, Any]:
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+# ``JSONEncoder.encode`` builds this C encoder anew for every call; the hot path builds it once.
+# Same function, same arguments, so the same bytes; only without the circular-reference check
+# (records are built here, never circular: one would end in RecursionError, still an error).
+_C_CANONICAL = (
+    None if c_make_encoder is None
+    else c_make_encoder(None, _CANONICAL.default, encode_basestring_ascii, None, ":", ",", True, False, True)
+)
 
 
 def canonical_json(obj: Any) -> bytes:
     """What the hash covers: sorted keys, no whitespace, ASCII only (no encoding ambiguity)."""
-    return _CANONICAL.encode(obj).encode("ascii")
+    if _C_CANONICAL is None:
+        return _CANONICAL.encode(obj).encode("ascii")
+    return "".join(_C_CANONICAL(obj, 0)).encode("ascii")
 
 
 def record_hash(record: Mapping[str, Any]) -> str:

@@ -291,9 +291,9 @@ _Action = Callable[[bytes, Counts], "bytes | None"]
 class ColumnPlan:
     """Per result set: the masking action of each column, computed once from the RowDescription.
 
-    Columns whose values are scanned as they are (text, and the text form of other types) are
-    scanned together, one joined pass per row (``Scanner.scan_chunks``); the others (column
-    rules, JSON, binary numbers and arrays) have an action of their own."""
+    Columns whose values are scanned as they are (text, and the text form of other types) go to
+    the scanner together (``Scanner.scan_chunks``: one joined pass for a wide row); the others
+    (column rules, JSON, binary numbers and arrays) have an action of their own."""
 
     def __init__(self, masker: Masker, columns: Sequence[ColumnOrigin], rules: Sequence[MaskingRule | None]):
         self._masker = masker
@@ -341,10 +341,10 @@ class ColumnPlan:
             if raw is not None:
                 out[i] = action(raw, counts)
         if self._scanned:
-            present = [(i, typed) for i, typed in self._scanned if out[i] is not None]
-            chunks = [bytes(out[i] or b"") for i, _ in present]
+            present = [(i, typed, raw) for i, typed in self._scanned if (raw := out[i]) is not None]
+            chunks = [raw for _, _, raw in present]
             for j, found in self._masker._scanner.scan_chunks(chunks).items():
-                i, typed = present[j]
+                i, typed, _ = present[j]
                 masked = self._masker._masked_value(chunks[j], found, counts)
                 # a type that cannot carry the mask (int8 holding a card number) becomes NULL
                 out[i] = None if typed and masked != chunks[j] else masked
@@ -615,17 +615,18 @@ class Masker:
     def _copy(self, out: Any, slot: str | int, node: Any, states: int, counts: Counts, walk: _Walk) -> None:
         """``out[slot]`` = a copy of ``node`` with field rules applied; scannable leaves noted.
 
-        The hot loop of JSON masking: one call per container, scalars inline, path transitions
-        and keys already known to be clean looked up in caches."""
+        The hot loop of JSON masking: one call per container (copied at C speed, then only its
+        containers and masked values replaced), scalars inline, path transitions and keys
+        already known to be clean looked up in caches."""
         scans = walk.scans
         if isinstance(node, dict):
             pairs: Iterable[tuple[Any, Any]] = node.items()
-            copy: Any = {}
-            keys = scans
+            copy: Any = dict(node)
+            new_keys = walk.keys if scans else None
         elif isinstance(node, list):
             pairs = enumerate(node)
-            copy = [None] * len(node)
-            keys = False
+            copy = list(node)
+            new_keys = None
         else:
             out[slot] = node
             if scans and _scannable(node):
@@ -636,8 +637,8 @@ class Masker:
         transitions, clean = self._transitions, self._clean_keys
         values, texts = walk.values, walk.texts
         for key, value in pairs:
-            if keys and key not in clean:
-                walk.keys.append((copy, key))
+            if new_keys is not None and key not in clean:
+                new_keys.append((copy, key))
             nxt = states
             if states:
                 hit, nxt = transitions.get((states, key)) or self._transition(states, key, length)
@@ -647,18 +648,14 @@ class Masker:
                     continue
             kind = type(value)
             if kind is str:
-                copy[key] = value
                 if scans:
                     values.append((copy, key))
                     texts.append(value)
             elif kind is int or kind is float:
-                copy[key] = value
                 if scans:
                     values.append((copy, key))
                     texts.append(str(value))
-            elif kind is bool or value is None:
-                copy[key] = value
-            else:  # containers, and the unusual (subclasses, other types)
+            elif kind is not bool and value is not None:  # containers, and the unusual
                 self._copy(copy, key, value, nxt, counts, walk)
 
     def _transition(self, states: int, key: str | int, length: int) -> tuple[MaskingRule | None, int]:
