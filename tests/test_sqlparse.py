@@ -305,6 +305,7 @@ def test_classify_never_raises(text: str) -> None:
     for info in classified.statements:
         assert info.commands
         assert info.groups <= GROUPS
+        assert isinstance(info.columns, frozenset)  # resolving column reads never raises either
 
 
 @settings(max_examples=200, deadline=None)
@@ -318,3 +319,70 @@ def test_classify_never_raises(text: str) -> None:
 def test_classify_never_raises_on_sql_like_soup(tokens: list[str]) -> None:
     classified = classify(" ".join(tokens))
     assert all(info.commands for info in classified.statements)
+    assert all(isinstance(info.columns, frozenset) for info in classified.statements)
+
+
+# --------------------------------------------------------------------------- column reads
+
+
+@pytest.mark.parametrize(
+    ("sql", "columns"),
+    [
+        ("SELECT count(*) FROM customers", set()),
+        ("SELECT 1", set()),
+        ("SELECT id, salary + 1 FROM customers", {"customers.id", "customers.salary"}),
+        ("SELECT lower(email) FROM customers", {"customers.email"}),
+        ("SELECT email || '' AS e FROM customers", {"customers.email"}),
+        ("SELECT id FROM customers UNION SELECT 1", {"customers.id"}),
+        ("SELECT c.email FROM customers c", {"customers.email"}),
+        ("SELECT C.Email FROM Customers C", {"customers.email"}),
+        ('SELECT "Odd" FROM t', {"t.odd"}),
+        ("SELECT s.t.col FROM s.t", {"s.t.col"}),
+        ("SELECT c.* FROM customers c", {"customers.*"}),
+        ("SELECT * FROM customers", {"customers.*"}),
+        ("TABLE customers", {"customers.*"}),
+        ("SELECT * FROM (SELECT id FROM customers) x", {"customers.id"}),
+        # whole-row references read every column
+        ("SELECT row_to_json(c) FROM customers c", {"customers.*", "customers.c"}),
+        ("SELECT c::text FROM customers c", {"customers.*", "customers.c"}),
+        ("SELECT customers FROM customers", {"customers.*", "customers.customers"}),
+        ("SELECT (c).name FROM customers c", {"customers.*", "customers.c"}),
+        # every clause counts
+        ("SELECT o.id FROM customers c JOIN orders o ON o.customer_id = c.id WHERE c.email = 'x' "
+         "GROUP BY o.id HAVING max(c.salary) > 1 ORDER BY min(c.name)",
+         {"orders.id", "orders.customer_id", "customers.id", "customers.email", "customers.salary",
+          "customers.name"}),
+        ("SELECT count(*) FROM customers a JOIN customers b USING (email)", {"customers.email"}),
+        ("SELECT 1 FROM a NATURAL JOIN b", {"a.*", "b.*"}),
+        ("SELECT lower(x.e) FROM (SELECT email AS e FROM customers) x", {"customers.email"}),
+        ("WITH w AS (SELECT email FROM customers) SELECT w.email FROM w", {"customers.email"}),
+        ("SELECT id FROM customers WHERE id IN (SELECT customer_id FROM orders WHERE amount > 1)",
+         {"customers.id", "orders.customer_id", "orders.amount", "customers.amount",
+          "customers.customer_id"}),
+        # a correlated name may be the outer level's: every visible relation
+        ("SELECT (SELECT max(ref) FROM orders WHERE email = 'x') FROM customers",
+         {"orders.ref", "customers.ref", "orders.email", "customers.email"}),
+        ("SELECT coalesce(j.email, '') FROM (customers JOIN orders USING (id)) j",
+         {"customers.email", "orders.email", "customers.id", "orders.id"}),
+        # DML reads
+        ("UPDATE customers c SET note = o.ref FROM orders o WHERE c.id = o.customer_id RETURNING c.email",
+         {"orders.ref", "customers.id", "orders.customer_id", "customers.email"}),
+        ("DELETE FROM customers WHERE email = 'x' RETURNING *", {"customers.email", "customers.*"}),
+        ("COPY customers TO STDOUT", {"customers.*"}),
+        ("COPY customers (id, email) TO STDOUT", {"customers.id", "customers.email"}),
+        # what cannot be placed stays a bare name (every relation's) or everything
+        ("SELECT excluded.x", {"x"}),
+        ("EXECUTE p", {"*"}),
+        ("SELEKT email", {"*"}),
+    ],
+)
+def test_column_reads(sql: str, columns: set[str]) -> None:
+    assert one(sql).columns == columns
+
+
+def test_column_reads_of_execute_and_multiple_statements() -> None:
+    resolved = resolve_execute(one("EXECUTE p(1)"), "PREPARE p AS SELECT email FROM customers WHERE id = $1")
+    assert resolved.columns == {"customers.email", "customers.id"}
+    classified = classify("SELECT id FROM a; SELECT b.* FROM b")
+    assert classified.columns == {"a.id", "b.*"}
+    assert classify("SELECT email FROM customers").columns == classify("SELECT email FROM customers").columns

@@ -23,7 +23,15 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Catalog", "CatalogError", "ColumnSource", "Origin", "view_column_origins"]
+__all__ = [
+    "Catalog",
+    "CatalogError",
+    "ColumnSource",
+    "Origin",
+    "RelationColumns",
+    "view_column_origins",
+    "view_var_reads",
+]
 
 Rows = list[list[str | None]]
 Runner = Callable[[str], Awaitable[Rows]]
@@ -64,6 +72,27 @@ class Origin:
         return self.source is not None
 
 
+@dataclass(frozen=True, slots=True)
+class RelationColumns:
+    """What reading some columns of one relation reads underneath. A table: those columns. A
+    view: the base column behind each plain view column (everything the view reads for a computed
+    one), plus what its filters, joins, grouping and ordering read whatever is selected."""
+
+    columns: Mapping[str, frozenset[ColumnSource]]  # lowercase column name -> base columns
+    always: frozenset[ColumnSource]
+    every: frozenset[ColumnSource]
+
+    def reads(self, columns: Iterable[str] | None) -> frozenset[ColumnSource]:
+        """Base columns read by reading ``columns`` of the relation (None: all of them); a name
+        the relation does not have reads nothing from it."""
+        if columns is None:
+            return self.every
+        out = set(self.always)
+        for name in columns:
+            out |= self.columns.get(name.lower(), frozenset())
+        return frozenset(out)
+
+
 @dataclass
 class _Relation:
     schema: str
@@ -71,7 +100,8 @@ class _Relation:
     kind: str
     columns: dict[int, str] = field(default_factory=dict)
     view_columns: dict[int, tuple[int, int]] = field(default_factory=dict)  # attnum -> (oid, attnum)
-    reads: tuple[tuple[int, int], ...] = ()
+    reads: tuple[tuple[int, int], ...] = ()  # attnum 0: the whole row
+    filters: tuple[tuple[int, int], ...] | None = None  # read whatever is selected (None: unknown)
     fetched_at: float = 0.0
 
 
@@ -163,6 +193,95 @@ def view_column_origins(ev_action: str) -> dict[int, tuple[int, int]]:
     return out
 
 
+_RTE_RELATION, _RTE_JOIN = "0", "2"
+
+
+def view_var_reads(ev_action: str) -> tuple[frozenset[tuple[int, int]], frozenset[tuple[int, int]]]:
+    """A view's ``_RETURN`` rule action to the (table OID, attnum) its Vars read (attnum 0: the
+    whole row, which pg_depend does not record by column): ``(always, every)``. ``always`` is what
+    selecting anything from the view reads: FROM, WHERE, joins, subqueries, grouping, ordering,
+    DISTINCT, set operations; not its output columns (unless they decide the rows), which read
+    their inputs only when selected."""
+    tree = _parse_nodes(_tokens(ev_action))
+    queries = tree if isinstance(tree, list) else [tree]
+    query = next((q for q in queries if isinstance(q, dict) and q.get("_") == "QUERY"), None)
+    if query is None:
+        raise CatalogError("view rule without a query")
+    always: set[tuple[int, int]] = set()
+    every: set[tuple[int, int]] = set()
+    levels: list[list[Any]] = []
+
+    def rtable_of(q: dict[str, Any]) -> list[Any]:
+        rt = q.get("rtable")
+        return rt if isinstance(rt, list) else []
+
+    def resolve(var: dict[str, Any], level: int, out: set[tuple[int, int]]) -> bool:
+        """Adds what a Var reads; True when it is a plain relation column."""
+        lvl = level - int(var.get("varlevelsup", 0))
+        varno, attno = int(var["varno"]), int(var["varattno"])
+        rte = levels[lvl][varno - 1]
+        kind = str(rte.get("rtekind"))
+        if kind == _RTE_RELATION:
+            out.add((int(rte["relid"]), attno))
+            return attno > 0
+        if kind == _RTE_JOIN:
+            aliases = rte.get("joinaliasvars")
+            aliases = aliases if isinstance(aliases, list) else []
+            for alias in aliases if attno == 0 else [aliases[attno - 1]]:
+                walk(alias, lvl, out)
+        return False  # subquery, CTE, function, values: their bodies are walked in full
+
+    def walk(node: Any, level: int, out: set[tuple[int, int]], depth: int = 0) -> None:
+        if depth > 200:
+            raise CatalogError("view query nested too deeply")
+        if isinstance(node, list):
+            for item in node:
+                walk(item, level, out, depth + 1)
+            return
+        if not isinstance(node, dict):
+            return
+        kind = node.get("_")
+        if kind == "VAR":
+            resolve(node, level, out)
+            return
+        if kind == "RANGETBLENTRY" and str(node.get("rtekind")) == _RTE_JOIN:
+            return  # its alias Vars count only where a Var points at them
+        if kind == "QUERY":
+            levels.append(rtable_of(node))
+            try:
+                for value in node.values():
+                    walk(value, len(levels) - 1, out, depth + 1)
+            finally:
+                levels.pop()
+            return
+        for key, value in node.items():
+            if key != "_":
+                walk(value, level, out, depth + 1)
+
+    try:
+        levels.append(rtable_of(query))
+        for key, value in query.items():
+            if key != "targetList":
+                walk(value, 0, always)
+        targets = query.get("targetList")
+        # a set operation or a set-returning output column decides the rows: all of it is read
+        whole = query.get("setOperations") not in (None, "<>") or query.get("hasTargetSRFs") == "true"
+        for entry in targets if isinstance(targets, list) else [targets] if targets else []:
+            if not isinstance(entry, dict):
+                continue
+            expr = entry.get("expr")
+            if whole or entry.get("resjunk") == "true" or str(entry.get("ressortgroupref", "0")) != "0":
+                walk(entry, 0, always)  # sorted, grouped or distinct by: decides the rows
+            elif isinstance(expr, dict) and expr.get("_") == "VAR" and str(expr.get("varlevelsup", "0")) == "0":
+                if not resolve(expr, 0, every):
+                    walk(entry, 0, every)
+            else:
+                walk(entry, 0, every)  # a computed column reads its inputs when selected
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CatalogError(f"view query not understood: {exc.__class__.__name__}") from None
+    return frozenset(always), frozenset(every | always)
+
+
 # --------------------------------------------------------------------------- the catalog
 
 
@@ -187,6 +306,7 @@ class Catalog:
         self.clock = clock
         self._relations: dict[int, _Relation | None] = {}
         self._names: dict[str, tuple[int | None, float]] = {}
+        self._functions: dict[str, tuple[bool, float]] = {}  # name -> (outside pg_catalog, when)
         self.queries = 0
 
     def _fresh(self, oid: int) -> bool:
@@ -249,6 +369,12 @@ class Catalog:
                     rel.view_columns = view_column_origins(action or "")
                 except CatalogError:
                     rel.view_columns = {}
+                try:
+                    always, every = view_var_reads(action or "")
+                except CatalogError:
+                    continue  # filters stay unknown: whatever is selected reads everything
+                rel.filters = tuple(sorted(always))
+                rel.reads = tuple(sorted(every))  # whole-row reads included; pg_depend added below
             self.queries += 1
             reads: dict[int, list[tuple[int, int]]] = {}
             for view_s, ref_s, sub_s in await self._run(
@@ -261,7 +387,7 @@ class Catalog:
                 if ref != view:
                     reads.setdefault(view, []).append((ref, int(sub_s or 0)))
             for view in views:
-                found[view].reads = tuple(sorted(set(reads.get(view, ()))))
+                found[view].reads = tuple(sorted(set(reads.get(view, ())) | set(found[view].reads)))
         for oid in oids:
             self._relations[oid] = found.get(oid)  # None: no such relation (dropped)
         return views
@@ -290,7 +416,9 @@ class Catalog:
         out: set[ColumnSource] = set()
         for ref, sub in rel.reads:
             inner = self._relations.get(ref)
-            if inner is not None and inner.kind in VIEW_KINDS:
+            if ref == oid:
+                continue  # a view's rule names the view itself (OLD/NEW)
+            if (inner is not None and inner.kind in VIEW_KINDS) or sub == 0:
                 out |= self._reads(ref, depth + 1)
             else:
                 source, _ = self._source(ref, sub, depth + 1)
@@ -311,8 +439,67 @@ class Catalog:
 
         Names are resolved with the gateway connection's search_path, which may differ from the
         client's: a name that resolves differently there is the price of not asking the session."""
-        wanted = sorted({n for n in names if "\0" not in n})
+        names = list(names)
+        oids = await self._oids_of(names)
         out: dict[str, frozenset[ColumnSource] | None] = {n: None for n in names}
+        for n, oid in oids.items():
+            if oid is not None and self._relations.get(oid) is not None:
+                out[n] = self._reads(oid)
+        return out
+
+    async def columns_of(self, names: Iterable[str]) -> dict[str, RelationColumns | None]:
+        """Like ``reads_of``, by column: what reading given columns of each relation reads."""
+        names = list(names)
+        oids = await self._oids_of(names)
+        out: dict[str, RelationColumns | None] = {n: None for n in names}
+        for n, oid in oids.items():
+            if oid is not None:
+                out[n] = self._columns(oid)
+        return out
+
+    def _columns(self, oid: int, depth: int = 0) -> RelationColumns | None:
+        rel = self._relations.get(oid)
+        if rel is None or depth > MAX_VIEW_DEPTH:
+            return None
+        every = self._reads(oid, depth)
+        if rel.kind not in VIEW_KINDS:
+            return RelationColumns(
+                {name.lower(): frozenset({ColumnSource(rel.schema, rel.name, name)})
+                 for name in rel.columns.values()}, frozenset(), every)
+        if rel.filters is None:
+            return RelationColumns({name.lower(): every for name in rel.columns.values()}, every, every)
+        columns: dict[str, frozenset[ColumnSource]] = {}
+        for attnum, name in rel.columns.items():
+            source, _ = self._source(oid, attnum)
+            columns[name.lower()] = frozenset({source}) if source is not None else every
+        always: set[ColumnSource] = set()
+        for ref, sub in rel.filters:
+            always |= self._ref_reads(ref, sub, depth + 1)
+        for ref in {ref for ref, _ in rel.reads if ref != oid}:
+            inner = self._relations.get(ref)
+            if inner is not None and inner.kind in VIEW_KINDS:
+                # a view read through this one reads its own filters too
+                nested = self._columns(ref, depth + 1)
+                always |= nested.always if nested is not None else self._reads(ref, depth + 1)
+        return RelationColumns(columns, frozenset(always), every)
+
+    def _ref_reads(self, oid: int, attnum: int, depth: int) -> frozenset[ColumnSource]:
+        rel = self._relations.get(oid)
+        if rel is None or depth > MAX_VIEW_DEPTH:
+            return frozenset()
+        name = rel.columns.get(attnum)
+        if attnum == 0 or name is None:
+            return self._reads(oid, depth)
+        if rel.kind not in VIEW_KINDS:
+            return frozenset({ColumnSource(rel.schema, rel.name, name)})
+        inner = self._columns(oid, depth)
+        return inner.reads([name]) if inner is not None else self._reads(oid, depth)
+
+    async def _oids_of(self, names: Iterable[str]) -> dict[str, int | None]:
+        """Relation names to OIDs (loaded into the cache), through the per-name cache."""
+        names = list(names)
+        wanted = sorted({n for n in names if "\0" not in n})
+        out: dict[str, int | None] = {n: None for n in names}
         if not wanted:
             return out
         now = self.clock()
@@ -332,11 +519,38 @@ class Catalog:
             await self._load(set(found.values()))
             for n in todo:
                 self._names[n] = (found.get(n), now)
+        stale = {oid for n in wanted if (oid := self._names.get(n, (None, 0.0))[0]) is not None
+                 and not self._fresh(oid)}
+        if stale:
+            await self._load(stale)
         for n in wanted:
-            oid = self._names.get(n, (None, 0.0))[0]
-            if oid is not None and self._relations.get(oid) is not None:
-                out[n] = self._reads(oid)
+            out[n] = self._names.get(n, (None, 0.0))[0]
         return out
+
+    async def user_functions(self, names: Iterable[str]) -> frozenset[str]:
+        """The function names that may resolve outside pg_catalog: such a function can read any
+        table, whatever columns the statement names. Unknown (catalog down) counts as outside."""
+        wanted = {n.lower() for n in names}
+        now = self.clock()
+        todo = sorted(n for n in wanted if n not in self._functions or now - self._functions[n][1] >= self.ttl)
+        plain = [n for n in todo if "." not in n and "\0" not in n]
+        if plain:
+            if len(self._functions) + len(plain) > self.max_relations:
+                self._functions.clear()
+            self.queries += 1
+            values = ",".join(f"({_literal(n)})" for n in plain)
+            rows = await self._run(
+                "SELECT t.name FROM (VALUES " + values + ") AS t(name) WHERE NOT EXISTS ("  # noqa: S608
+                "SELECT 1 FROM pg_catalog.pg_proc p WHERE p.proname = t.name "
+                "AND p.pronamespace <> 'pg_catalog'::regnamespace)"
+            )
+            builtin = {str(r[0]) for r in rows if r and r[0] is not None}
+            for n in plain:
+                self._functions[n] = (n not in builtin, now)
+        for n in todo:
+            if n not in plain:  # schema-qualified: only pg_catalog's own are known to be safe
+                self._functions[n] = (n.rsplit(".", 1)[0] != "pg_catalog", now)
+        return frozenset(n for n in wanted if self._functions.get(n, (True, 0.0))[0])
 
     def names(self) -> Mapping[int, str]:
         """Cached relation names by OID (diagnostics)."""

@@ -25,9 +25,9 @@ __all__ = [
     "ALL_COLUMNS",
     "COMMAND_GROUPS",
     "DYNAMIC_SQL_FUNCTIONS",
-    "ColumnReads",
     "GROUPS",
     "Classified",
+    "ColumnReads",
     "SQLSyntaxError",
     "StatementInfo",
     "classify",
@@ -412,7 +412,7 @@ class _Scope:
         else:
             out.update([rel + "." + name for rel in self.visible])
 
-    def add_from(self, item: Any, ctes: frozenset[str], out: set[str]) -> tuple[str, ...]:  # noqa: C901
+    def add_from(self, item: Any, ctes: frozenset[str], out: set[str]) -> tuple[str, ...]:
         """One FROM item (or join side) into the scope; the relations it holds. A join's USING
         columns are read (NATURAL: whichever columns the sides share)."""
         if type(item) is not dict or len(item) != 1:
