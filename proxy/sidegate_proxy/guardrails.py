@@ -45,6 +45,7 @@ from .sqlparse import (
     GROUPS,
     Classified,
     StatementInfo,
+    StatementSet,
     classify,
     groups_of,
     resolve_execute,
@@ -219,25 +220,13 @@ class _SQLRule:
 
 
 @dataclass(frozen=True)
-class SQLVerdict:
+class SQLVerdict(StatementSet):
     """A query string's decision, and what it was found to do (for the audit record)."""
 
     decision: Decision
     classified: Classified
     statements: tuple[StatementInfo, ...] = ()  # EXECUTE resolved against the session's PREPAREs
     statement: StatementInfo | None = None  # the one that decided
-
-    @property
-    def commands(self) -> frozenset[str]:
-        return frozenset[str]().union(*(s.commands for s in self.statements))
-
-    @property
-    def tables(self) -> frozenset[str]:
-        return frozenset[str]().union(*(s.tables for s in self.statements))
-
-    @property
-    def functions(self) -> frozenset[str]:
-        return frozenset[str]().union(*(s.functions for s in self.statements))
 
 
 # --------------------------------------------------------------------------- HTTP

@@ -226,13 +226,10 @@ class ColumnReads:
         return f"ColumnReads({sorted(self.columns)!r})"
 
 
-@dataclass(frozen=True)
-class Classified:
-    """A whole query string: one ``StatementInfo`` per top-level statement."""
+class StatementSet:
+    """What a sequence of statements does as a whole: the union over its statements."""
 
-    text: str
     statements: tuple[StatementInfo, ...]
-    error: str | None = None
 
     @property
     def commands(self) -> frozenset[str]:
@@ -253,6 +250,15 @@ class Classified:
     @property
     def columns(self) -> frozenset[str]:
         return frozenset[str]().union(*(s.columns for s in self.statements))
+
+
+@dataclass(frozen=True)
+class Classified(StatementSet):
+    """A whole query string: one ``StatementInfo`` per top-level statement."""
+
+    text: str
+    statements: tuple[StatementInfo, ...]
+    error: str | None = None
 
 
 def groups_of(commands: Iterable[str]) -> frozenset[str]:
