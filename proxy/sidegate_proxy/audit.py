@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -372,15 +373,27 @@ _DISPOSITION = {
 def rfc3339(ts: float) -> str:
     """UTC with milliseconds: 2024-05-01T12:00:00.123Z."""
     ms = round(ts * 1000)
-    return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+    return _utc_seconds(ms // 1000) + f".{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=16)
+def _utc_seconds(seconds: int) -> str:
+    """Memoised: consecutive events mostly share their second (strftime is the cost of rfc3339)."""
+    return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds))
 
 
 def _endpoint(address: str) -> dict[str, Any]:
     """'10.0.0.1:5432', '[::1]:80' or a bare host/path to an OCSF network endpoint."""
+    return dict(_endpoint_fields(address))
+
+
+@functools.lru_cache(maxsize=1024)
+def _endpoint_fields(address: str) -> tuple[tuple[str, Any], ...]:
+    """Memoised: a session's client and target recur in every one of its events."""
     host, sep, port = address.rpartition(":")
     if sep and port.isdigit() and host:
-        return {"ip" if _looks_ip(host) else "hostname": host.strip("[]"), "port": int(port)}
-    return {"ip" if _looks_ip(address) else "hostname": address}
+        return (("ip" if _looks_ip(host) else "hostname", host.strip("[]")), ("port", int(port)))
+    return (("ip" if _looks_ip(address) else "hostname", address),)
 
 
 def _looks_ip(host: str) -> bool:

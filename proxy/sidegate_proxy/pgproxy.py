@@ -107,6 +107,7 @@ FORWARDED_PARAMS = ("application_name", "DateStyle", "TimeZone", "IntervalStyle"
 SAFE_ENCODINGS = frozenset({"UTF8", "UTF-8", "UNICODE", "SQL_ASCII"})
 # A statement PostgreSQL rejects at parse time: sent upstream in place of a blocked one.
 POISON_SQL = "sidegate: statement blocked by the gateway"
+MAX_PLANS_PER_SESSION = 256  # cached masking plans (result shapes) per session
 
 
 class UpstreamError(Exception):
@@ -334,6 +335,7 @@ class _Portal:
     statement: _Statement | None
     formats: tuple[int, ...]
     plan: ColumnPlan | None = None
+    plan_on_describe: bool = False  # planned from the client's Describe, not an injected one
 
 
 @dataclass
@@ -388,6 +390,13 @@ class Session:
         self.started = time.perf_counter()
         self.commands = 0
         self.database: str | None = None
+        # per-session hot-path caches: metric children (``labels`` is a locked dict lookup per
+        # call) and masking plans of result sets whose every column origin is known
+        self._metric_children: dict[tuple[str, ...], Any] = {}
+        self._plans: dict[tuple[ColumnOrigin, ...], ColumnPlan | None] = {}
+        self._target_str: str | None = None
+        # finished statements, audited once the server loop has written their responses
+        self._completed: list[tuple[str, Decision, str | None, dict[str, int], int | None, str | None, float]] = []
 
     @property
     def connection(self) -> Connection:
@@ -445,8 +454,21 @@ class Session:
             self.writer.close()
 
     def _target(self) -> str:
-        t = self.connection.target
-        return f"{t.host}:{t.port}"
+        if self._target_str is None:
+            t = self.connection.target
+            self._target_str = f"{t.host}:{t.port}"
+        return self._target_str
+
+    def _metric(self, name: str, *labels: str) -> Any:
+        """``metrics.<name>.labels(connection, protocol, *labels)``, looked up once per session."""
+        key = (name, *labels)
+        child = self._metric_children.get(key)
+        if child is None:
+            metrics = self.server.metrics
+            assert metrics is not None
+            child = getattr(metrics, name).labels(self.connection.name, PROTOCOL, *labels)
+            self._metric_children[key] = child
+        return child
 
     def _audit_nowait(self, event: Any) -> None:
         try:
@@ -629,14 +651,15 @@ class Session:
                 data = await self.reader.read(READ_SIZE)
             if not data:
                 return
-            for msg in self.fparser.feed(data):
+            msgs = self.fparser.feed(data)
+            for i, msg in enumerate(msgs):
                 if isinstance(msg, Terminate):
                     self._flush()
                     up.writer.write(msg.raw)
                     with contextlib.suppress(Exception):
                         await up.writer.drain()
                     return
-                await self._on_frontend(msg)
+                await self._on_frontend(msg, msgs[i + 1] if i + 1 < len(msgs) else None)
             self._flush()
             await up.writer.drain()
 
@@ -656,7 +679,7 @@ class Session:
             self.writer.write(b"".join(self._to_client))
             self._to_client.clear()
 
-    async def _on_frontend(self, msg: Message) -> None:
+    async def _on_frontend(self, msg: Message, following: Message | None = None) -> None:
         if self.skip_until_sync and not isinstance(msg, Sync):
             return  # discarded, like the server does after an error in an extended-protocol batch
         if isinstance(msg, Query):
@@ -664,11 +687,14 @@ class Session:
         elif isinstance(msg, Parse):
             await self._on_parse(msg)
         elif isinstance(msg, Bind):
-            self._on_bind(msg)
+            described = isinstance(following, Describe) and following.kind == "P" and following.name == msg.portal
+            self._on_bind(msg, described)
         elif isinstance(msg, Execute):
             self._send(msg.raw, _Pending("execute", portal=self.portals.get(msg.portal)))
         elif isinstance(msg, Describe):
-            self._send(msg.raw, _Pending("describe", describe_portal=msg.name if msg.kind == "P" else None))
+            portal = self.portals.get(msg.name) if msg.kind == "P" else None
+            self._send(msg.raw, _Pending("describe", describe_portal=msg.name if msg.kind == "P" else None,
+                                         portal=portal if portal is not None and portal.plan_on_describe else None))
         elif isinstance(msg, Close):
             (self.statements if msg.kind == "S" else self.portals).pop(msg.name, None)
             self._send(msg.raw, _Pending("close"))
@@ -799,11 +825,15 @@ class Session:
         self.statements[msg.name] = _Statement(msg.sql, verdict, decision)
         self._send(msg.raw, _Pending("parse"))
 
-    def _on_bind(self, msg: Bind) -> None:
+    def _on_bind(self, msg: Bind, described: bool = False) -> None:
+        """``described``: the client's own Describe of this portal comes next (libpq's
+        PQexecPrepared does so), its RowDescription gives the plan without asking again."""
         portal = _Portal(self.statements.get(msg.statement), msg.result_formats)
         self.portals[msg.portal] = portal
         self._send(msg.raw, _Pending("bind"))
-        if self.masker is not None:
+        if self.masker is not None and described:
+            portal.plan_on_describe = True
+        elif self.masker is not None:
             # the portal's columns and formats, for masking its rows: asked for by the proxy
             # itself (the client may never Describe) and swallowed in the server loop
             self._send(pgwire.describe("P", msg.portal), _Pending("inject", portal=portal))
@@ -817,9 +847,12 @@ class Session:
             data = await up.reader.read(READ_SIZE)
             if not data:
                 raise UpstreamError("sidegate: the target closed the connection", "closed", "08006")
-            for msg in up.parser.feed(data):
-                await self._on_backend(msg)
-            self._flush()
+            try:
+                for msg in up.parser.feed(data):
+                    await self._on_backend(msg)
+                self._flush()
+            finally:
+                self._audit_completed()  # after the client has its answer: off the latency path
             await self.writer.drain()
 
     def _write(self, data: bytes) -> None:
@@ -901,7 +934,13 @@ class Session:
             for f, o in zip(fields, origins, strict=True)
         ]
         reads: Any = None
-        if not all(c.known for c in columns):
+        known = all(c.known for c in columns)
+        if known:
+            # a pure function of the columns (origins included, so fresh catalog answers key it)
+            key = tuple(columns)
+            if key in self._plans:
+                return self._plans[key]
+        else:
             tables = set(verdict.tables) if verdict is not None else set()
             reads_cols: set[str] = set()
             for st in verdict.statements if verdict is not None else ():
@@ -915,7 +954,12 @@ class Session:
             elif verdict is None:
                 reads = True  # nothing known about the statement: fail closed
         plan = masker.plan_columns(columns, query_reads_masked=reads)
-        return plan if plan.active else None
+        result = plan if plan.active else None
+        if known:
+            if len(self._plans) >= MAX_PLANS_PER_SESSION:
+                self._plans.clear()
+            self._plans[key] = result
+        return result
 
     async def _on_query_response(self, p: _Pending, msg: Message) -> None:
         if isinstance(msg, RowDescription):
@@ -963,20 +1007,29 @@ class Session:
 
     def _audit_command(self, text: str, decision: Decision, command_class: str | None, p: _Pending,
                        rows: int | None, sqlstate: str | None) -> None:
+        """Queued until the server loop has handed the read chunk's responses to the client."""
         elapsed = time.perf_counter() - p.started
         self.commands += 1
+        self._completed.append((text, decision, command_class, dict(p.masked), rows, sqlstate, elapsed))
+
+    def _audit_completed(self) -> None:
+        completed, self._completed = self._completed, []
+        for text, decision, command_class, masked, rows, sqlstate, elapsed in completed:
+            self._emit_command(text, decision, command_class, masked, rows, sqlstate, elapsed)
+
+    def _emit_command(self, text: str, decision: Decision, command_class: str | None, masked: dict[str, int],
+                      rows: int | None, sqlstate: str | None, elapsed: float) -> None:
         self._audit_nowait(command_event(
             session_id=self.id, connection=self.connection.ref, connection_type=PROTOCOL, caller=self.caller,
-            command=text, decision=decision, command_class=command_class, masked=p.masked, rows=rows,
+            command=text, decision=decision, command_class=command_class, masked=masked, rows=rows,
             duration_ms=elapsed * 1000, sqlstate=sqlstate, client=self.client, target=self._target(),
             database=self.database,
         ))
-        metrics = self.server.metrics
-        if metrics:
-            metrics.commands.labels(self.connection.name, PROTOCOL, decision.action).inc()
-            metrics.latency.labels(self.connection.name, PROTOCOL).observe(elapsed)
-            for rule, n in p.masked.items():
-                metrics.masked.labels(self.connection.name, PROTOCOL, rule).inc(n)
+        if self.server.metrics:
+            self._metric("commands", decision.action).inc()
+            self._metric("latency").observe(elapsed)
+            for rule, n in masked.items():
+                self._metric("masked", rule).inc(n)
 
     def _on_execute_response(self, p: _Pending, msg: Message) -> None:
         if isinstance(msg, CommandComplete | EmptyQueryResponse | PortalSuspended):
@@ -1008,7 +1061,7 @@ class Session:
             return
         if isinstance(msg, RowDescription):
             portal = p.portal
-            if inject and portal is not None:
+            if portal is not None:  # an injected Describe, or the client's own right after Bind
                 verdict = portal.statement.verdict if portal.statement else None
                 portal.plan = await self._plan(msg.fields, verdict)
         elif not isinstance(msg, NoData):

@@ -12,6 +12,7 @@ any more (the connection must be closed, as PostgreSQL does).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -532,6 +533,22 @@ def _d_ready(raw: bytes, r: _Reader) -> Message:
 
 
 def _d_row_description(raw: bytes, r: _Reader) -> Message:
+    if len(raw) <= _MEMO_ROW_DESCRIPTION:
+        return RowDescription(raw, _memo_fields(raw))
+    return RowDescription(raw, _row_fields(r))
+
+
+# A prepared statement's RowDescription recurs byte for byte with every execution (twice with the
+# proxy's own Describe): decoding is pure and Fields are immutable, so small ones are memoised.
+_MEMO_ROW_DESCRIPTION = 2048
+
+
+@functools.lru_cache(maxsize=256)
+def _memo_fields(raw: bytes) -> tuple[Field, ...]:
+    return _row_fields(_Reader(memoryview(raw)[5:]))
+
+
+def _row_fields(r: _Reader) -> tuple[Field, ...]:
     fields = []
     for _ in range(r.count("field")):
         name = r.cstr()
@@ -541,7 +558,7 @@ def _d_row_description(raw: bytes, r: _Reader) -> Message:
         r.pos += _FIELD.size
         fields.append(Field(name, *values))
     r.end()
-    return RowDescription(raw, tuple(fields))
+    return tuple(fields)
 
 
 def _d_command_complete(raw: bytes, r: _Reader) -> Message:
