@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import ConfigError, ProxyConfig, load_config
 from .manifests import ManifestError, config_from_manifests
-from .runtime import ProxyGroup, RuntimeOptions, run_until_signal, watch_config
+from .runtime import ProxyGroup, RuntimeOptions, run_event_loop, run_until_signal, watch_config
 from .secrets import DirSecretStore, SecretMissing, SecretStore
 
 DEFAULT_SECRETS_DIR = "/var/run/sidegate/secrets"
@@ -122,7 +122,7 @@ def run_proxy(argv: list[str]) -> int:
         await run_until_signal(group, *extra)
 
     try:
-        asyncio.run(main())
+        run_event_loop(main())
     except (ConfigError, SecretMissing, OSError) as exc:
         print(f"sidegate proxy: {exc}", file=sys.stderr)
         return 1

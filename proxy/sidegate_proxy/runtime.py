@@ -16,9 +16,10 @@ import signal
 import socket
 import ssl
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -38,6 +39,8 @@ from .sinks import Sink, sinks_from_config
 from .tokenexchange import ISSUER_NAME, TokenIssuer, token_exchange_routes
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
@@ -377,3 +380,13 @@ async def run_until_signal(runtime: ProxyRuntime | ProxyGroup, *extra: asyncio.T
         for task in extra:
             task.cancel()
         await runtime.close()
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run the data plane on uvloop where it is installed: its C transports halve the event
+    loop's share of every proxied round trip; plain asyncio otherwise (same behaviour)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
