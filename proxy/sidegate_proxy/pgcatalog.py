@@ -308,6 +308,7 @@ class Catalog:
         self._names: dict[str, tuple[int | None, float]] = {}
         self._functions: dict[str, tuple[bool, float]] = {}  # name -> (outside pg_catalog, when)
         self.queries = 0
+        self.epoch = 0  # bumped whenever relations are (re)fetched: keys caches derived from them
 
     def _fresh(self, oid: int) -> bool:
         if oid not in self._relations:
@@ -327,6 +328,15 @@ class Catalog:
         if not all(self._fresh(oid) for oid, _ in pairs if oid):
             return None
         return [self._origin(oid, attnum) for oid, attnum in pairs]
+
+    def valid_until(self, oids: Iterable[int]) -> float:
+        """When the first of these cached relations goes stale (``clock`` time)."""
+        until = float("inf")
+        for oid in oids:
+            rel = self._relations.get(oid)
+            if rel is not None:
+                until = min(until, rel.fetched_at + self.ttl)
+        return until
 
     async def _load(self, oids: set[int]) -> None:
         for _ in range(MAX_VIEW_DEPTH):
@@ -390,6 +400,7 @@ class Catalog:
                 found[view].reads = tuple(sorted(set(reads.get(view, ())) | set(found[view].reads)))
         for oid in oids:
             self._relations[oid] = found.get(oid)  # None: no such relation (dropped)
+        self.epoch += 1
         return views
 
     def _source(self, oid: int, attnum: int, depth: int = 0) -> tuple[ColumnSource | None, str | None]:

@@ -42,7 +42,7 @@ import ssl
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -323,14 +323,14 @@ ApprovalHook = Callable[["Session", str, SQLVerdict], Awaitable[Decision]]
 # --------------------------------------------------------------------------- expectations
 
 
-@dataclass
+@dataclass(slots=True)
 class _Statement:
     sql: str
     verdict: SQLVerdict
     decision: Decision  # what allowed it: the guardrail's verdict, or an approval
 
 
-@dataclass
+@dataclass(slots=True)
 class _Portal:
     statement: _Statement | None
     formats: tuple[int, ...]
@@ -338,7 +338,7 @@ class _Portal:
     plan_on_describe: bool = False  # planned from the client's Describe, not an injected one
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """A request sent upstream whose responses are still to come."""
 
@@ -394,6 +394,7 @@ class Session:
         # call) and masking plans of result sets whose every column origin is known
         self._metric_children: dict[tuple[str, ...], Any] = {}
         self._plans: dict[tuple[ColumnOrigin, ...], ColumnPlan | None] = {}
+        self._plans_by_row: dict[bytes, tuple[ColumnPlan | None, int, float]] = {}
         self._target_str: str | None = None
         # finished statements, audited once the server loop has written their responses
         self._completed: list[tuple[str, Decision, str | None, dict[str, int], int | None, str | None, float]] = []
@@ -680,30 +681,32 @@ class Session:
             self._to_client.clear()
 
     async def _on_frontend(self, msg: Message, following: Message | None = None) -> None:
-        if self.skip_until_sync and not isinstance(msg, Sync):
+        # exact types, most frequent first: one comparison per message on the hot path
+        if self.skip_until_sync and type(msg) is not Sync:
             return  # discarded, like the server does after an error in an extended-protocol batch
-        if isinstance(msg, Query):
-            await self._on_query(msg)
-        elif isinstance(msg, Parse):
-            await self._on_parse(msg)
-        elif isinstance(msg, Bind):
-            described = isinstance(following, Describe) and following.kind == "P" and following.name == msg.portal
+        if type(msg) is Bind:
+            described = (type(following) is Describe and following.kind == "P"
+                         and following.name == msg.portal)
             self._on_bind(msg, described)
-        elif isinstance(msg, Execute):
+        elif type(msg) is Execute:
             self._send(msg.raw, _Pending("execute", portal=self.portals.get(msg.portal)))
-        elif isinstance(msg, Describe):
+        elif type(msg) is Sync:
+            self.skip_until_sync = False
+            self._send(msg.raw, _Pending("sync"))
+        elif type(msg) is Describe:
             portal = self.portals.get(msg.name) if msg.kind == "P" else None
             self._send(msg.raw, _Pending("describe", describe_portal=msg.name if msg.kind == "P" else None,
                                          portal=portal if portal is not None and portal.plan_on_describe else None))
-        elif isinstance(msg, Close):
+        elif type(msg) is Query:
+            await self._on_query(msg)
+        elif type(msg) is Parse:
+            await self._on_parse(msg)
+        elif type(msg) is Close:
             (self.statements if msg.kind == "S" else self.portals).pop(msg.name, None)
             self._send(msg.raw, _Pending("close"))
-        elif isinstance(msg, Sync):
-            self.skip_until_sync = False
-            self._send(msg.raw, _Pending("sync"))
-        elif isinstance(msg, Flush | CopyData | CopyDone | CopyFail):
+        elif type(msg) is Flush or type(msg) is CopyData or type(msg) is CopyDone or type(msg) is CopyFail:
             self._send(msg.raw)
-        elif isinstance(msg, FunctionCall):
+        elif type(msg) is FunctionCall:
             decision = Decision("block", "builtin-fastpath", "fast-path function calls are not allowed")
             await self._audit_blocked("<fast-path function call>", decision, None)
             self._send(pgwire.query(POISON_SQL), _Pending("query", replace_error=self._block_error(decision)))
@@ -859,13 +862,14 @@ class Session:
         self._to_client.append(data)
 
     async def _on_backend(self, msg: Message) -> None:
-        if isinstance(msg, DataRow):  # the hot path first
+        if type(msg) is DataRow:  # the hot path first
             p = self.pending[0] if self.pending else None
             plan = None if p is None else p.plan if p.kind == "query" else p.portal.plan if p.portal else None
-            if plan is None:
-                self._write(msg.raw)
-            else:
-                self._write(self._mask_row(plan, msg, p))
+            self._to_client.append(msg.raw if plan is None else self._mask_row(plan, msg, p))
+            return
+        if type(msg) is ReadyForQuery and self.pending and self.pending[0].kind == "sync":
+            self._to_client.append(msg.raw)
+            self.pending.popleft()
             return
         if isinstance(msg, NoticeResponse | NotificationResponse):
             self._write(msg.raw)
@@ -907,13 +911,20 @@ class Session:
                 p.masked[rule] = p.masked.get(rule, 0) + n
         return pgwire.data_row(values)
 
-    async def _plan(self, fields: Sequence[pgwire.Field], verdict: SQLVerdict | None) -> ColumnPlan | None:
+    async def _plan(self, desc: RowDescription, verdict: SQLVerdict | None) -> ColumnPlan | None:
         """The masking plan of one result set: origins from the catalog, fail closed for unknown
         columns when the statement reads a masked column."""
         masker = self.masker
         if masker is None:
             return None
         catalog = self.policy.catalog
+        if catalog is not None:
+            # a prepared statement's RowDescription recurs byte for byte: its plan holds while
+            # the catalog answers it came from do
+            hit = self._plans_by_row.get(desc.raw)
+            if hit is not None and hit[1] == catalog.epoch and catalog.clock() < hit[2]:
+                return hit[0]
+        fields = desc.fields
         pairs = [(f.table_oid, f.attnum) for f in fields]
         origins: list[Origin]
         if catalog is None:
@@ -958,12 +969,16 @@ class Session:
         if known:
             if len(self._plans) >= MAX_PLANS_PER_SESSION:
                 self._plans.clear()
+                self._plans_by_row.clear()
             self._plans[key] = result
+            if catalog is not None:
+                until = catalog.valid_until(o for o, _ in pairs)
+                self._plans_by_row[desc.raw] = (result, catalog.epoch, until)
         return result
 
     async def _on_query_response(self, p: _Pending, msg: Message) -> None:
         if isinstance(msg, RowDescription):
-            p.plan = await self._plan(msg.fields, p.verdict)
+            p.plan = await self._plan(msg, p.verdict)
             self._write(msg.raw)
         elif isinstance(msg, CommandComplete | EmptyQueryResponse):
             self._write(msg.raw)
@@ -1063,7 +1078,7 @@ class Session:
             portal = p.portal
             if portal is not None:  # an injected Describe, or the client's own right after Bind
                 verdict = portal.statement.verdict if portal.statement else None
-                portal.plan = await self._plan(msg.fields, verdict)
+                portal.plan = await self._plan(msg, verdict)
         elif not isinstance(msg, NoData):
             raise _unexpected(msg)
         if not inject:

@@ -55,9 +55,9 @@ class _Reader:
 
     __slots__ = ("buf", "pos")
 
-    def __init__(self, buf: bytes | memoryview) -> None:
-        self.buf = bytes(buf)
-        self.pos = 0
+    def __init__(self, buf: bytes, pos: int = 0) -> None:
+        self.buf = buf  # a whole frame, read from ``pos`` on: no copy of the body
+        self.pos = pos
 
     def i32(self) -> int:
         if self.pos + 4 > len(self.buf):
@@ -116,9 +116,25 @@ class _Reader:
             raise ProtocolError(f"negative {what} count")
         return n
 
+    def i16s(self, what: str) -> tuple[int, ...]:
+        """A count, then that many int16s (format codes): one unpack for all of them."""
+        n = self.count(what)
+        if not n:
+            return ()
+        if self.pos + 2 * n > len(self.buf):
+            raise ProtocolError(f"message truncated ({what}s)")
+        values = _int16_array(n).unpack_from(self.buf, self.pos)
+        self.pos += 2 * n
+        return values
+
     def end(self) -> None:
         if self.pos != len(self.buf):
             raise ProtocolError("trailing bytes in message")
+
+
+@functools.lru_cache(maxsize=64)
+def _int16_array(n: int) -> struct.Struct:
+    return struct.Struct(f"!{n}h")
 
 
 def _frame(kind: bytes, body: bytes) -> bytes:
@@ -135,7 +151,7 @@ def _cstr(s: str | bytes) -> bytes:
 # --------------------------------------------------------------------------- messages
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     """Any message; ``raw`` is the complete frame as received (type byte, length, body)."""
 
@@ -150,7 +166,7 @@ class Message:
         return memoryview(self.raw)[5:]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Raw(Message):
     """A message passed through without interpretation."""
 
@@ -158,23 +174,23 @@ class Raw(Message):
 # ---- startup phase (untyped frames, client to server)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SSLRequest(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GSSENCRequest(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CancelRequest(Message):
     pid: int = 0
     secret: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartupMessage(Message):
     version: int = PROTOCOL_3
     params: Mapping[str, str] = field(default_factory=dict)
@@ -187,19 +203,19 @@ class StartupMessage(Message):
 # ---- frontend (client to server)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Query(Message):
     sql: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Parse(Message):
     name: str = ""
     sql: str = ""
     param_types: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Bind(Message):
     portal: str = ""
     statement: str = ""
@@ -215,67 +231,67 @@ class Bind(Message):
         return f[0] if len(f) == 1 else f[column] if column < len(f) else 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Describe(Message):
     kind: str = "S"  # S: statement, P: portal
     name: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Execute(Message):
     portal: str = ""
     max_rows: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close(Message):
     kind: str = "S"
     name: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Sync(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Flush(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Terminate(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FunctionCall(Message):
     """The fast-path interface: calls a function by OID, with no SQL a guardrail could see."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CopyData(Message):
     @property
     def data(self) -> memoryview:
         return self.body
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CopyDone(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CopyFail(Message):
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PasswordMessage(Message):
     """'p': a cleartext/md5 password, or a SASL (initial) response: the meaning is contextual."""
 
     def password(self) -> str:
-        r = _Reader(self.body)
+        r = _Reader(self.raw, 5)
         value = r.cstr()
         r.end()
         return value
@@ -284,30 +300,30 @@ class PasswordMessage(Message):
 # ---- backend (server to client)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Authentication(Message):
     code: int = 0
     data: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ParameterStatus(Message):
     name: str = ""
     value: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BackendKeyData(Message):
     pid: int = 0
     secret: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReadyForQuery(Message):
     status: bytes = b"I"  # I idle, T in transaction, E failed transaction
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True)  # shared by memoised RowDescriptions: must stay immutable
 class Field:
     name: str
     table_oid: int = 0
@@ -318,12 +334,12 @@ class Field:
     format: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RowDescription(Message):
     fields: tuple[Field, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataRow(Message):
     """Decoded lazily: ``values()`` walks the frame only when a row has to be rewritten."""
 
@@ -331,7 +347,7 @@ class DataRow(Message):
         return decode_data_row(self.raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CommandComplete(Message):
     tag: str = ""
 
@@ -342,7 +358,7 @@ class CommandComplete(Message):
         return int(last) if last.isdigit() and " " in self.tag else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ErrorResponse(Message):
     fields: Mapping[str, str] = field(default_factory=dict)
 
@@ -359,19 +375,19 @@ class ErrorResponse(Message):
         return self.fields.get("M", "")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NoticeResponse(ErrorResponse):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NotificationResponse(Message):
     pid: int = 0
     channel: str = ""
     payload: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CopyResponse(Message):
     """CopyInResponse ('G'), CopyOutResponse ('H') or CopyBothResponse ('W')."""
 
@@ -379,37 +395,37 @@ class CopyResponse(Message):
     column_formats: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ParseComplete(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BindComplete(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CloseComplete(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NoData(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PortalSuspended(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EmptyQueryResponse(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ParameterDescription(Message):
     type_oids: tuple[int, ...] = ()
 
@@ -419,7 +435,7 @@ class ParameterDescription(Message):
 
 def decode_data_row(raw: bytes | memoryview) -> list[bytes | None]:
     """The column values of a complete DataRow frame (``None`` for SQL NULL)."""
-    r = _Reader(memoryview(raw)[5:])
+    r = _Reader(bytes(raw), 5)
     values: list[bytes | None] = []
     for _ in range(r.count("column")):
         n = r.i32()
@@ -433,7 +449,7 @@ def _strings(r: _Reader) -> tuple[str, ...]:
 
 
 def _int16s(r: _Reader, what: str) -> tuple[int, ...]:
-    return tuple(r.i16() for _ in range(r.count(what)))
+    return r.i16s(what)
 
 
 def _error_fields(r: _Reader) -> dict[str, str]:
@@ -446,31 +462,38 @@ def _error_fields(r: _Reader) -> dict[str, str]:
     return out
 
 
-_Decoder = Callable[[bytes, _Reader], Message]
+_Decoder = Callable[[bytes], Message]  # the whole frame in, a message out
 
 
 def _empty(cls: type[Message]) -> _Decoder:
-    def decode(raw: bytes, r: _Reader) -> Message:
-        r.end()
+    def decode(raw: bytes) -> Message:
+        if len(raw) != 5:
+            raise ProtocolError("trailing bytes in message")
         return cls(raw)
 
     return decode
 
 
-def _d_query(raw: bytes, r: _Reader) -> Message:
+def _d_query(raw: bytes) -> Message:
+    r = _Reader(raw, 5)
     m = Query(raw, r.cstr())
     r.end()
     return m
 
 
-def _d_parse(raw: bytes, r: _Reader) -> Message:
+def _d_parse(raw: bytes) -> Message:
+    r = _Reader(raw, 5)
     name, sql = r.cstr(), r.cstr()
     types = tuple(r.u32() for _ in range(r.count("parameter type")))
     r.end()
     return Parse(raw, name, sql, types)
 
 
-def _d_bind(raw: bytes, r: _Reader) -> Message:
+_FORMAT_CODES = frozenset({0, 1})  # text, binary
+
+
+def _d_bind(raw: bytes) -> Message:
+    r = _Reader(raw, 5)
     portal, statement = r.cstr(), r.cstr()
     param_formats = _int16s(r, "parameter format")
     params: list[bytes | None] = []
@@ -479,13 +502,14 @@ def _d_bind(raw: bytes, r: _Reader) -> Message:
         params.append(None if n == -1 else r.bytes_(n))
     result_formats = _int16s(r, "result format")
     r.end()
-    if any(f not in (0, 1) for f in (*param_formats, *result_formats)):
+    if not (_FORMAT_CODES.issuperset(param_formats) and _FORMAT_CODES.issuperset(result_formats)):
         raise ProtocolError("invalid format code in Bind")
     return Bind(raw, portal, statement, param_formats, tuple(params), result_formats)
 
 
 def _d_describe_or_close(cls: type[Describe] | type[Close]) -> _Decoder:
-    def decode(raw: bytes, r: _Reader) -> Message:
+    def decode(raw: bytes) -> Message:
+        r = _Reader(raw, 5)
         kind = chr(r.byte())
         if kind not in ("S", "P"):
             raise ProtocolError(f"invalid {cls.__name__} target {kind!r}")
@@ -496,46 +520,50 @@ def _d_describe_or_close(cls: type[Describe] | type[Close]) -> _Decoder:
     return decode
 
 
-def _d_execute(raw: bytes, r: _Reader) -> Message:
+def _d_execute(raw: bytes) -> Message:
+    r = _Reader(raw, 5)
     m = Execute(raw, r.cstr(), r.i32())
     r.end()
     return m
 
 
-def _d_copy_fail(raw: bytes, r: _Reader) -> Message:
+def _d_copy_fail(raw: bytes) -> Message:
+    r = _Reader(raw, 5)
     m = CopyFail(raw, r.cstr())
     r.end()
     return m
 
 
-def _d_auth(raw: bytes, r: _Reader) -> Message:
+def _d_auth(raw: bytes) -> Message:
+    r = _Reader(raw, 5)
     return Authentication(raw, r.i32(), r.rest())
 
 
-def _d_param_status(raw: bytes, r: _Reader) -> Message:
+def _d_param_status(raw: bytes) -> Message:
+    r = _Reader(raw, 5)
     m = ParameterStatus(raw, r.cstr(), r.cstr())
     r.end()
     return m
 
 
-def _d_key_data(raw: bytes, r: _Reader) -> Message:
+def _d_key_data(raw: bytes) -> Message:
+    r = _Reader(raw, 5)
     pid, secret = r.i32(), r.i32()
     r.rest()  # protocol 3.2 allows longer keys; the proxy never forwards them
     return BackendKeyData(raw, pid, secret)
 
 
-def _d_ready(raw: bytes, r: _Reader) -> Message:
-    status = bytes([r.byte()])
-    r.end()
+def _d_ready(raw: bytes) -> Message:
+    status = raw[5:]
     if status not in (b"I", b"T", b"E"):
         raise ProtocolError(f"invalid transaction status {status!r}")
     return ReadyForQuery(raw, status)
 
 
-def _d_row_description(raw: bytes, r: _Reader) -> Message:
+def _d_row_description(raw: bytes) -> Message:
     if len(raw) <= _MEMO_ROW_DESCRIPTION:
         return RowDescription(raw, _memo_fields(raw))
-    return RowDescription(raw, _row_fields(r))
+    return RowDescription(raw, _row_fields(_Reader(raw, 5)))
 
 
 # A prepared statement's RowDescription recurs byte for byte with every execution (twice with the
@@ -545,7 +573,7 @@ _MEMO_ROW_DESCRIPTION = 2048
 
 @functools.lru_cache(maxsize=256)
 def _memo_fields(raw: bytes) -> tuple[Field, ...]:
-    return _row_fields(_Reader(memoryview(raw)[5:]))
+    return _row_fields(_Reader(raw, 5))
 
 
 def _row_fields(r: _Reader) -> tuple[Field, ...]:
@@ -561,14 +589,16 @@ def _row_fields(r: _Reader) -> tuple[Field, ...]:
     return tuple(fields)
 
 
-def _d_command_complete(raw: bytes, r: _Reader) -> Message:
+def _d_command_complete(raw: bytes) -> Message:
+    r = _Reader(raw, 5)
     m = CommandComplete(raw, r.cstr())
     r.end()
     return m
 
 
 def _d_error(cls: type[ErrorResponse]) -> _Decoder:
-    def decode(raw: bytes, r: _Reader) -> Message:
+    def decode(raw: bytes) -> Message:
+        r = _Reader(raw, 5)
         m = cls(raw, _error_fields(r))
         r.end()
         return m
@@ -576,27 +606,30 @@ def _d_error(cls: type[ErrorResponse]) -> _Decoder:
     return decode
 
 
-def _d_notification(raw: bytes, r: _Reader) -> Message:
+def _d_notification(raw: bytes) -> Message:
+    r = _Reader(raw, 5)
     m = NotificationResponse(raw, r.i32(), r.cstr(), r.cstr())
     r.end()
     return m
 
 
-def _d_copy_response(raw: bytes, r: _Reader) -> Message:
+def _d_copy_response(raw: bytes) -> Message:
+    r = _Reader(raw, 5)
     fmt = r.byte()
     m = CopyResponse(raw, fmt, _int16s(r, "column format"))
     r.end()
     return m
 
 
-def _d_param_description(raw: bytes, r: _Reader) -> Message:
+def _d_param_description(raw: bytes) -> Message:
+    r = _Reader(raw, 5)
     m = ParameterDescription(raw, tuple(r.u32() for _ in range(r.count("parameter"))))
     r.end()
     return m
 
 
 def _lazy(cls: type[Message]) -> _Decoder:
-    return lambda raw, r: cls(raw)
+    return cls
 
 
 FRONTEND: Mapping[bytes, _Decoder] = {
@@ -660,6 +693,37 @@ class _Parser:
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        if self._untyped():
+            return self._feed_untyped(data)
+        # Typed frames, the hot path: a chunk is usually whole messages, so parse straight from
+        # it and keep only a trailing partial frame.
+        if self._buf:
+            self._buf += data
+            buf = bytes(self._buf)
+        else:
+            buf = data if isinstance(data, bytes) else bytes(data)
+        out: list[Message] = []
+        append = out.append
+        header = _HEADER.unpack_from
+        decode = self._decode
+        max_length = self.max_length
+        pos, n = 0, len(buf)
+        try:
+            while n - pos >= 5:
+                kind, length = header(buf, pos)
+                if length < 4 or length > max_length:
+                    raise ProtocolError(f"invalid length {length} for message type {kind!r}")
+                end = pos + length + 1
+                if end > n:
+                    break
+                append(decode(kind, buf[pos:end]))
+                pos = end
+        finally:
+            self._buf = bytearray(buf[pos:]) if pos < n else bytearray()
+        return out
+
+    def _feed_untyped(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """Startup phase: untyped frames first, typed ones once the parser switches over."""
         self._buf += data
         out: list[Message] = []
         buf = self._buf
@@ -692,7 +756,7 @@ class _Parser:
         if decoder is None:
             return self._unknown(kind, raw)
         try:
-            return decoder(raw, _Reader(memoryview(raw)[5:]))
+            return decoder(raw)
         except ProtocolError:
             raise
         except (ValueError, struct.error, IndexError) as exc:  # defensive: never crash the caller
