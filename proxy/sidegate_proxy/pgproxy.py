@@ -42,7 +42,7 @@ import ssl
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -359,6 +359,82 @@ class _Pending:
 # --------------------------------------------------------------------------- the session
 
 
+CLIENT: Final = 0
+SERVER: Final = 1
+
+
+class _RelayProtocol(asyncio.Protocol):
+    """One side of a session past its handshake: bytes straight to the session's handlers."""
+
+    def __init__(self, session: Session, side: int) -> None:
+        self.session = session
+        self.side = side
+
+    def data_received(self, data: bytes) -> None:
+        self.session._on_data(self.side, data)
+
+    def eof_received(self) -> bool:
+        self.session._on_eof(self.side)
+        # keep a plain client socket writable (half close) for the answers still in flight
+        return self.side == CLIENT and not self.session._client_tls
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session._on_lost(self.side, exc)
+
+    def pause_writing(self) -> None:
+        self.session._set_backpressure(1 - self.side, True)
+
+    def resume_writing(self) -> None:
+        self.session._set_backpressure(1 - self.side, False)
+
+
+def _take_over(reader: asyncio.StreamReader, transport: Any, protocol: asyncio.Protocol) -> tuple[bytes, bool]:
+    """Move a transport from its stream reader to ``protocol``: what the reader had buffered
+    but nobody read yet, and whether it had seen EOF."""
+    buffer = getattr(reader, "_buffer", bytearray())
+    data = bytes(buffer)
+    buffer.clear()
+    transport.set_protocol(protocol)
+    transport.resume_reading()  # the stream protocol may have paused a full buffer
+    return data, reader.at_eof() or bool(getattr(reader, "_eof", False))
+
+
+async def _in_task() -> None:
+    """Called before anything that truly waits: a handler driven by hand from a transport
+    callback (no current task) continues in a task from here, where timeouts and locks that
+    ask for ``asyncio.current_task()`` work."""
+    if asyncio.current_task() is None:
+        await asyncio.sleep(0)
+
+
+class _Resume:
+    """Awaitable that finishes a coroutine already started by hand (``coro.send(None)`` gave
+    ``waiting``): the handlers run synchronously until one really has to wait."""
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        self.coro = coro
+        self.waiting = waiting
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        waiting = self.waiting
+        while True:
+            try:
+                sent = yield waiting
+            except GeneratorExit:
+                self.coro.close()
+                raise
+            except BaseException as exc:  # thrown in by the task (cancellation...): pass it on
+                try:
+                    waiting = self.coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    waiting = self.coro.send(sent)
+                except StopIteration:
+                    return
+
+
 class Session:
     """One client connection: authentication, the upstream, and the two loops."""
 
@@ -398,6 +474,19 @@ class Session:
         self._target_str: str | None = None
         # finished statements, audited once the server loop has written their responses
         self._completed: list[tuple[str, Decision, str | None, dict[str, int], int | None, str | None, float]] = []
+        # relay state (``_relay``): one entry per side, CLIENT then SERVER
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._transports: tuple[Any, Any] | None = None
+        self._busy = [False, False]
+        self._blocks: tuple[set[str], set[str]] = (set(), set())
+        self._backlog: tuple[deque[bytes], deque[bytes]] = (deque(), deque())
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._client_left = False
+        self._client_tls = False
+        self._last_client = 0.0
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
 
     @property
     def connection(self) -> Connection:
@@ -623,46 +712,177 @@ class Session:
     # ------------------------------------------------------------------ relaying
 
     async def _relay(self) -> None:
-        assert self.upstream is not None
-        client = asyncio.create_task(self._client_loop(), name=f"pg-client-{self.id[:8]}")
-        server = asyncio.create_task(self._server_loop(), name=f"pg-server-{self.id[:8]}")
-        try:
-            done, _ = await asyncio.wait({client, server}, return_when=asyncio.FIRST_COMPLETED)
-            if client in done and client.exception() is None:
-                # the client left (Terminate or EOF): let in-flight responses be written, briefly
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(server), 0.5)
-            for task in done:
-                exc = task.exception()
-                if exc is not None:
-                    raise exc
-        finally:
-            for task in (client, server):
-                task.cancel()
-            await asyncio.gather(client, server, return_exceptions=True)
-
-    async def _client_loop(self) -> None:
+        """Past the handshake both transports feed the session's handlers directly: a chunk is
+        parsed and answered in the transport's callback, and only a handler that really waits
+        (catalog lookup, approval hold, durable audit) continues in a task, with that side's
+        reading paused so messages keep their order."""
         up = self.upstream
         assert up is not None
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._done = loop.create_future()
+        self._client_tls = self.writer.get_extra_info("ssl_object") is not None
+        self._transports = (self.writer.transport, up.writer.transport)
+        early = [_take_over(self.reader, self.writer.transport, _RelayProtocol(self, CLIENT)),
+                 _take_over(up.reader, up.writer.transport, _RelayProtocol(self, SERVER))]
+        self._last_client = loop.time()
         idle = self.server.settings.idle_timeout
-        while True:
-            if idle:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), idle)
+        if idle:
+            self._idle_handle = loop.call_later(idle, self._idle_check, idle)
+        for side in (SERVER, CLIENT):
+            data, eof = early[side]
+            if data:
+                self._on_data(side, data)
+            if eof:
+                self._on_eof(side)
+        try:
+            await self._done
+        finally:
+            if self._idle_handle is not None:
+                self._idle_handle.cancel()
+            if self._linger is not None:
+                self._linger.cancel()
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- transport callbacks (synchronous)
+
+    def _on_data(self, side: int, data: bytes) -> None:
+        if self._done is None or self._done.done():
+            return
+        if self._busy[side]:
+            self._backlog[side].append(data)  # reading is paused; this was already in flight
+            return
+        try:
+            if side == CLIENT:
+                assert self._loop is not None
+                self._last_client = self._loop.time()
+                self._run_frontend(self.fparser.feed(data), 0)
             else:
-                data = await self.reader.read(READ_SIZE)
-            if not data:
+                assert self.upstream is not None
+                self._run_backend(self.upstream.parser.feed(data), 0)
+        except Exception as exc:
+            self._end(exc)
+
+    def _run_frontend(self, msgs: list[Message], start: int) -> None:
+        n = len(msgs)
+        for i in range(start, n):
+            msg = msgs[i]
+            if type(msg) is Terminate:
+                self._flush()
+                assert self.upstream is not None
+                self.upstream.writer.write(msg.raw)
+                self._client_gone()
                 return
-            msgs = self.fparser.feed(data)
-            for i, msg in enumerate(msgs):
-                if isinstance(msg, Terminate):
-                    self._flush()
-                    up.writer.write(msg.raw)
-                    with contextlib.suppress(Exception):
-                        await up.writer.drain()
-                    return
-                await self._on_frontend(msg, msgs[i + 1] if i + 1 < len(msgs) else None)
+            coro = self._on_frontend(msg, msgs[i + 1] if i + 1 < n else None)
+            try:
+                waiting = coro.send(None)
+            except StopIteration:
+                continue
+            self._suspend(CLIENT, coro, waiting, msgs, i + 1)
+            return
+        self._flush()
+
+    def _run_backend(self, msgs: list[Message], start: int) -> None:
+        try:
+            for i in range(start, len(msgs)):
+                coro = self._on_backend(msgs[i])
+                try:
+                    waiting = coro.send(None)
+                except StopIteration:
+                    continue
+                self._flush()  # what is answered so far need not wait for the lookup
+                self._suspend(SERVER, coro, waiting, msgs, i + 1)
+                return
             self._flush()
-            await up.writer.drain()
+        finally:
+            self._audit_completed()  # after the client has its answer: off the latency path
+        if self._client_left and not self.pending:
+            self._end(None)
+
+    def _suspend(self, side: int, coro: Coroutine[Any, Any, None], waiting: Any,
+                 msgs: list[Message], resume_at: int) -> None:
+        """A handler awaits: pause this side and finish the chunk in a task."""
+        assert self._loop is not None
+        self._busy[side] = True
+        self._update_reading(side)
+        task = self._loop.create_task(self._continue(side, coro, waiting, msgs, resume_at))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _continue(self, side: int, coro: Coroutine[Any, Any, None], waiting: Any,
+                        msgs: list[Message], resume_at: int) -> None:
+        try:
+            await _Resume(coro, waiting)
+            self._busy[side] = False
+            (self._run_frontend if side == CLIENT else self._run_backend)(msgs, resume_at)
+            backlog = self._backlog[side]
+            while backlog and not self._busy[side] and not self._done_or_none():
+                self._on_data(side, backlog.popleft())
+            self._update_reading(side)
+        except asyncio.CancelledError:
+            coro.close()
+            raise
+        except Exception as exc:
+            self._end(exc)
+
+    def _done_or_none(self) -> bool:
+        return self._done is None or self._done.done()
+
+    def _on_eof(self, side: int) -> None:
+        if side == CLIENT:
+            self._client_gone()
+        else:
+            self._on_lost(SERVER, None)
+
+    def _on_lost(self, side: int, exc: Exception | None) -> None:
+        if side == CLIENT or self._client_left:
+            self._end(None)
+        else:
+            self._end(UpstreamError("sidegate: the target closed the connection", "closed", "08006"))
+
+    def _client_gone(self) -> None:
+        """The client sent Terminate or closed its end: answers in flight get half a second."""
+        self._client_left = True
+        self._blocks[CLIENT].add("gone")
+        self._update_reading(CLIENT)
+        if not self.pending:
+            self._end(None)
+        elif self._linger is None and self._loop is not None:
+            self._linger = self._loop.call_later(0.5, self._end, None)
+
+    def _end(self, exc: BaseException | None) -> None:
+        if self._done is None or self._done.done():
+            return
+        if exc is None:
+            self._done.set_result(None)
+        else:
+            self._done.set_exception(exc)
+
+    def _set_backpressure(self, side: int, on: bool) -> None:
+        """The other side's transport is over its high-water mark: stop reading this one."""
+        (self._blocks[side].add if on else self._blocks[side].discard)("backpressure")
+        self._update_reading(side)
+
+    def _update_reading(self, side: int) -> None:
+        if self._transports is None:
+            return
+        transport = self._transports[side]
+        with contextlib.suppress(Exception):
+            if self._busy[side] or self._blocks[side]:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _idle_check(self, idle: float) -> None:
+        assert self._loop is not None
+        quiet = self._loop.time() - self._last_client
+        if quiet >= idle and not self._busy[CLIENT]:
+            self._end(TimeoutError())
+        else:
+            self._idle_handle = self._loop.call_later(max(idle - quiet, 0.05), self._idle_check, idle)
 
     def _send(self, data: bytes, pending: _Pending | None = None) -> None:
         assert self.upstream is not None
@@ -722,7 +942,9 @@ class Session:
         if decision.action == "requireApproval":
             hook = self.server.on_approval_required
             self._flush()  # what came before the held statement must not wait for its review
-            decision = await hook(self, sql, verdict) if hook is not None else decision
+            if hook is not None:
+                await _in_task()
+                decision = await hook(self, sql, verdict)
         if decision.allowed and self.masker is not None and "copy_to" in verdict.commands:
             decision = await self._copy_decision(verdict, decision)
         return verdict, decision
@@ -731,6 +953,7 @@ class Session:
         """COPY TO STDOUT cannot be masked by column: allowed only for relations without masked
         columns (data lines still go through the detectors)."""
         assert self.masker is not None
+        await _in_task()
         catalog = self.policy.catalog
         refused = Decision("block", "masking-copy", "COPY TO of data with masked columns is not allowed")
         if not verdict.tables:
@@ -748,6 +971,7 @@ class Session:
         catalog cannot resolve counts with all its columns, and a function that may be
         user-defined (it could read anything) makes every column of every relation read."""
         assert self.masker is not None
+        await _in_task()
         masker = self.masker
         catalog = self.policy.catalog
         wanted = _column_selection(tables, columns)
@@ -785,6 +1009,7 @@ class Session:
 
     async def _audit_blocked(self, sql: str, decision: Decision, verdict: SQLVerdict | None) -> None:
         """Spooled durably before the client is told."""
+        await _in_task()
         self.commands += 1
         event = command_event(
             session_id=self.id, connection=self.connection.ref, connection_type=PROTOCOL, caller=self.caller,
@@ -841,22 +1066,7 @@ class Session:
             # itself (the client may never Describe) and swallowed in the server loop
             self._send(pgwire.describe("P", msg.portal), _Pending("inject", portal=portal))
 
-    # ------------------------------------------------------------------ server loop
-
-    async def _server_loop(self) -> None:
-        up = self.upstream
-        assert up is not None
-        while True:
-            data = await up.reader.read(READ_SIZE)
-            if not data:
-                raise UpstreamError("sidegate: the target closed the connection", "closed", "08006")
-            try:
-                for msg in up.parser.feed(data):
-                    await self._on_backend(msg)
-                self._flush()
-            finally:
-                self._audit_completed()  # after the client has its answer: off the latency path
-            await self.writer.drain()
+    # ------------------------------------------------------------------ server side
 
     def _write(self, data: bytes) -> None:
         self._to_client.append(data)
@@ -931,7 +1141,11 @@ class Session:
             origins = [Origin(o, a) for o, a in pairs]
         else:
             try:
-                origins = catalog.cached(pairs) or await catalog.resolve(pairs)
+                cached = catalog.cached(pairs)
+                if cached is None:
+                    await _in_task()
+                    cached = await catalog.resolve(pairs)
+                origins = cached
             except CatalogError as exc:
                 log.warning("session %s: column origins unknown: %s", self.id, exc)
                 origins = [Origin(o, a) for o, a in pairs]
