@@ -376,6 +376,39 @@ async def test_cancel_with_psycopg(postgres: PG, tmp_path: Path) -> None:
         assert await (await conn.execute("SELECT 4")).fetchone() == (4,)
 
 
+async def test_cancel_ends_an_approval_hold(postgres: PG, tmp_path: Path) -> None:
+    """Ctrl-C in psql while a statement waits for its review: the wait ends with 57014, the
+    statement never runs, the session stays usable and the audit trail says who cancelled."""
+    held = asyncio.Event()
+    released = asyncio.Event()
+
+    async def never_reviewed(session: Any, sql: str, verdict: Any) -> Any:
+        held.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            released.set()
+
+    async with run_proxy(postgres, tmp_path, guardrails=GUARDRAILS) as p, \
+            await psycopg.AsyncConnection.connect(p.dsn(), autocommit=True) as conn:
+        p.server.on_approval_required = never_reviewed
+        await conn.execute("INSERT INTO tmp_import VALUES (42)")
+
+        async def cancel_when_held() -> None:
+            await asyncio.wait_for(held.wait(), 10)
+            await conn.cancel_safe()
+
+        task = asyncio.create_task(cancel_when_held())
+        with pytest.raises(psycopg.errors.QueryCanceled, match="canceling statement"):
+            await conn.execute("DELETE FROM tmp_import")
+        await task
+        await asyncio.wait_for(released.wait(), 5)  # the hold itself was stopped
+        assert await (await conn.execute("SELECT count(*) FROM tmp_import WHERE id = 42")).fetchone() == (1,)
+        await conn.execute("DELETE FROM tmp_import WHERE true")
+    (event,) = [e for e in p.audit.commands() if e.command == "DELETE FROM tmp_import"]
+    assert (event.decision, event.rule, event.sqlstate) == ("block", "client-cancel", "57014")
+
+
 async def _upstream_pid(pg: PG) -> int | None:
     c = await direct(pg)
     try:

@@ -107,6 +107,7 @@ FORWARDED_PARAMS = ("application_name", "DateStyle", "TimeZone", "IntervalStyle"
 SAFE_ENCODINGS = frozenset({"UTF8", "UTF-8", "UNICODE", "SQL_ASCII"})
 # A statement PostgreSQL rejects at parse time: sent upstream in place of a blocked one.
 POISON_SQL = "sidegate: statement blocked by the gateway"
+CANCELLED_RULE = "client-cancel"  # the rule of a statement the client cancelled while it was held
 MAX_PLANS_PER_SESSION = 256  # cached masking plans (result shapes) per session
 
 
@@ -487,6 +488,7 @@ class Session:
         self._last_client = 0.0
         self._idle_handle: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._holding: asyncio.Future[Decision] | None = None  # an approval wait in progress
 
     @property
     def connection(self) -> Connection:
@@ -944,10 +946,27 @@ class Session:
             self._flush()  # what came before the held statement must not wait for its review
             if hook is not None:
                 await _in_task()
-                decision = await hook(self, sql, verdict)
+                decision = await self._hold(hook, sql, verdict)
         if decision.allowed and self.masker is not None and "copy_to" in verdict.commands:
             decision = await self._copy_decision(verdict, decision)
         return verdict, decision
+
+    async def _hold(self, hook: ApprovalHook, sql: str, verdict: SQLVerdict) -> Decision:
+        """The approval wait: the client's CancelRequest ends it, as it would a running statement."""
+        hold = asyncio.ensure_future(hook(self, sql, verdict))
+        self._holding = hold
+        try:
+            await asyncio.wait({hold})
+        finally:
+            self._holding = None
+            if not hold.done():
+                hold.cancel()  # this session is going away
+        if hold.cancelled():
+            return Decision("block", CANCELLED_RULE, "canceling statement due to user request")
+        return hold.result()
+
+    def _sqlstate(self, decision: Decision) -> str:
+        return "57014" if decision.rule == CANCELLED_RULE else "42501"
 
     async def _copy_decision(self, verdict: SQLVerdict, allowed: Decision) -> Decision:
         """COPY TO STDOUT cannot be masked by column: allowed only for relations without masked
@@ -998,6 +1017,8 @@ class Session:
         return strictest(rules)
 
     def _block_error(self, decision: Decision) -> bytes:
+        if decision.rule == CANCELLED_RULE:
+            return pgwire.error_response("ERROR", "57014", f"sidegate: {decision.reason}")
         reason = decision.reason or decision.action
         verb = "approval required" if decision.action == "requireApproval" else "blocked"
         if not reason.startswith(verb):
@@ -1013,7 +1034,7 @@ class Session:
         self.commands += 1
         event = command_event(
             session_id=self.id, connection=self.connection.ref, connection_type=PROTOCOL, caller=self.caller,
-            command=sql, decision=decision, command_class=_command_class(verdict), sqlstate="42501",
+            command=sql, decision=decision, command_class=_command_class(verdict), sqlstate=self._sqlstate(decision),
             client=self.client, target=self._target(), database=self.database,
         )
         await self.server.audit.emit(event)
@@ -1491,6 +1512,9 @@ class ProxyServer:
                                                     secret.to_bytes(4, "big", signed=True)):
             return  # like PostgreSQL: no answer either way
         session = entry[1]
+        if session._holding is not None:
+            session._holding.cancel()  # nothing runs upstream yet: stop waiting for the review
+            return
         up = session.upstream
         if up is None or up.key is None:
             return
