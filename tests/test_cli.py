@@ -128,6 +128,20 @@ def test_proxy_refuses_malformed_config(tmp_path: Path) -> None:
     assert "not JSON" in result.stderr
 
 
+def test_proxy_from_manifests_needs_the_token_signing_key_it_names(tmp_path: Path) -> None:
+    conn = {"apiVersion": "sidegate.dev/v1alpha1", "kind": "Connection",
+            "metadata": {"name": "orders", "namespace": "payments"},
+            "spec": {"type": "postgres", "target": {"host": "db", "port": 5432, "database": "d"},
+                     "credentials": {"secretRef": {"name": "admin"}},
+                     "tokenExchange": {"signingKeySecretRef": {"name": "exchange"}}}}
+    admin = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "admin", "namespace": "payments"},
+             "stringData": {"username": "u", "password": "p"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump_all([conn, admin]))
+    result = run(["proxy", "--manifests", str(tmp_path), "--connection", "orders", "--admin", "off"])
+    assert result.returncode == 1
+    assert "exchange" in result.stderr and "tls.key" in result.stderr, result.stderr
+
+
 def test_audit_verify_detects_edit(tmp_path: Path) -> None:
     log = tmp_path / "audit.jsonl"
     # Build a small chain with the library, then tamper with it.

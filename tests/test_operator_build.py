@@ -364,3 +364,133 @@ def test_gateway_account_is_bound_to_the_proxy_role_in_its_namespace() -> None:
     for obj in (sa, rb):
         (owner,) = obj["metadata"]["ownerReferences"]
         assert owner["kind"] == "Connection"
+
+
+# --------------------------------------------------------------------------- token exchange
+
+
+def pem_key(kind: str = "ec") -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    key = (ec.generate_private_key(ec.SECP256R1()) if kind == "ec"
+           else rsa.generate_private_key(public_exponent=65537, key_size=1024))
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+EXCHANGE = {"signingKeySecretRef": {"name": "orders-db-exchange"}}
+
+
+def test_gateway_gets_the_signing_key_mounted_and_flags() -> None:
+    body = connection(tokenExchange=EXCHANGE)
+    conn = parse_connection(body)
+    dep = build.build_deployment(conn, "sha256:abc", IMAGE)
+    pod_spec = dep["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    args = container["args"]
+    key_file = args[args.index("--token-signing-key") + 1]
+    assert key_file == "/var/run/sidegate/secrets/orders-db-exchange/tls.key"  # key default tls.key
+    assert args[args.index("--token-issuer") + 1] == "http://orders-db-sidegate.payments.svc:9090"
+    mount = next(m for m in container["volumeMounts"] if key_file.startswith(m["mountPath"] + "/"))
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"] == {"secretName": "orders-db-exchange", "defaultMode": 0o440}
+    assert "env" not in container and "envFrom" not in container  # never in the environment
+    # the rendered config names the Secret, never holds the key
+    doc = secret_doc(build.build_config_secret(body, []))
+    assert doc["connection"]["spec"]["tokenExchange"] == EXCHANGE
+    assert "PRIVATE KEY" not in json.dumps(doc)
+    # the exchange endpoint (admin port) is published on the Service, the issuer URL's port
+    ports = {p["name"]: p for p in build.build_service(conn)["spec"]["ports"]}
+    assert ports["token-exchange"] == {"name": "token-exchange", "port": 9090, "targetPort": "admin",
+                                       "protocol": "TCP", "appProtocol": "http"}
+    assert build.required_secret_keys(conn)["orders-db-exchange"] == ("tls.key",)
+
+
+def test_gateway_without_token_exchange_has_no_key_nor_port() -> None:
+    conn = parse_connection(connection())
+    args = build.build_deployment(conn, "h", IMAGE)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--token-signing-key" not in args and "--token-issuer" not in args
+    assert [p["name"] for p in build.build_service(conn)["spec"]["ports"]] == ["proxy"]
+
+
+def test_token_exchange_key_name_and_issuer_can_be_set() -> None:
+    conn = parse_connection(connection(tokenExchange={
+        "signingKeySecretRef": {"name": "exchange", "key": "signing.pem"},
+        "issuer": "https://sidegate.example.com"}))
+    assert build.token_exchange_args([conn]) == [
+        "--token-signing-key", "/var/run/sidegate/secrets/exchange/signing.pem",
+        "--token-issuer", "https://sidegate.example.com"]
+
+
+def test_sidecar_gets_the_signing_key_mounted_and_flags() -> None:
+    conn = parse_connection(connection(mode="sidecar", tokenExchange=EXCHANGE))
+    sidecar = build.build_sidecar([conn], IMAGE)
+    args = sidecar["args"]
+    assert args[args.index("--token-signing-key") + 1] == "/var/run/sidegate/secrets/orders-db-exchange/tls.key"
+    assert args[args.index("--token-issuer") + 1] == "http://127.0.0.1:15090"
+    volumes = {v["name"]: v for v in build.build_sidecar_volumes([conn])}
+    mount = next(m for m in sidecar["volumeMounts"]
+                 if m["mountPath"] == "/var/run/sidegate/secrets/orders-db-exchange")
+    assert mount["readOnly"] is True
+    assert volumes[mount["name"]]["secret"]["secretName"] == "orders-db-exchange"
+    assert "env" not in sidecar
+
+
+def test_one_sidecar_holds_one_signing_key() -> None:
+    found = {
+        "orders-db": connection(mode="sidecar", tokenExchange=EXCHANGE),
+        "billing": connection("billing", mode="sidecar", listen={"port": 15433},
+                              tokenExchange={"signingKeySecretRef": {"name": "billing-exchange"}}),
+        "ledger": connection("ledger", mode="sidecar", listen={"port": 15434}, tokenExchange=EXCHANGE),
+        "plain": connection("plain", mode="sidecar", listen={"port": 15435}),
+    }
+    with pytest.raises(InjectionError, match="different signing keys"):
+        resolve(["orders-db", "billing"], "payments", found)
+    conns = resolve(["orders-db", "ledger", "plain"], "payments", found)
+    assert build.build_sidecar(conns, IMAGE)["args"].count("--token-signing-key") == 1
+
+
+def test_token_exchange_issuer_cannot_clash_with_the_connection_issuers() -> None:
+    reserved = connection(tokenExchange=EXCHANGE, identity={"issuers": [
+        {"name": "sidegate-exchange", "issuer": "https://ci.example.com", "audiences": ["sidegate"]}]})
+    with pytest.raises(ConfigError, match="reserved"):
+        build.build_config_secret(reserved, [])
+    default_url = connection(tokenExchange=EXCHANGE, identity={"issuers": [
+        {"name": "self", "issuer": "http://orders-db-sidegate.payments.svc:9090"}]})
+    with pytest.raises(ConfigError, match="token-exchange issuer"):
+        build.build_config_secret(default_url, [])
+    explicit = connection(tokenExchange={**EXCHANGE, "issuer": "https://ci.example.com"}, identity={"issuers": [
+        {"name": "ci", "issuer": "https://ci.example.com"}]})
+    with pytest.raises(ConfigError, match=r"spec\.tokenExchange\.issuer"):
+        build.build_config_secret(explicit, [])
+    with pytest.raises(ConfigError, match="signingKeySecretRef"):
+        parse_connection(connection(tokenExchange={}))
+
+
+def test_missing_or_bad_signing_key_names_the_field() -> None:
+    from sidegate_operator.connection import signing_key_problem
+
+    conn = parse_connection(connection(tokenExchange=EXCHANGE))
+    required = build.required_secret_keys(conn)
+    fields = build.secret_fields(conn)
+    found: dict[str, Any] = {"orders-db-admin": {"stringData": {"username": "u", "password": "p"}},
+                             "orders-db-exchange": None}
+    assert missing_secrets(required, found, "payments", fields) == [
+        "Secret payments/orders-db-exchange not found (spec.tokenExchange.signingKeySecretRef)"]
+    assert signing_key_problem(conn, found) is None  # reported as missing, not as bad
+    found["orders-db-exchange"] = {"stringData": {"tls.key": pem_key("rsa")}}  # 1024 bit: refused
+    assert missing_secrets(required, found, "payments", fields) == []
+    problem = signing_key_problem(conn, found)
+    assert problem is not None and "orders-db-exchange key tls.key" in problem and "2048" in problem
+    found["orders-db-exchange"] = {"data": {"tls.key": base64.b64encode(pem_key().encode()).decode()}}
+    assert signing_key_problem(conn, found) is None
+
+
+def test_signing_key_secret_is_watched_for_the_connection() -> None:
+    import kopf
+
+    body = connection(tokenExchange=EXCHANGE)
+    index = connections_by_secret(namespace="payments", name="orders-db", body=kopf.Body(body))  # type: ignore[arg-type]
+    assert set(index) == {("payments", "orders-db-admin"), ("payments", "orders-db-exchange")}

@@ -533,3 +533,163 @@ async def test_rendered_config_enforces_policy_against_real_postgres(
         out, err = await asyncio.to_thread(proc.communicate, None, 30)
     assert proc.returncode == 0, err
     assert postgres.admin_password not in out + err
+
+
+# --------------------------------------------------------------------------- token exchange
+
+
+def signing_key_pem() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+
+
+def signing_key_secret(ns: str, name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": ns},
+            "type": "Opaque", "stringData": {"tls.key": signing_key_pem()}}
+
+
+async def test_token_signing_key_degrades_until_its_secret_appears(kube: Kube, ns: str) -> None:
+    await kube.apply(credentials(ns, "ledger-admin"))
+    await kube.apply(connection(ns, "ledger", tokenExchange={"signingKeySecretRef": {"name": "ledger-exchange"}}))
+    conn = await wait_ready(kube, ns, "ledger", reason="SecretMissing", status="False")
+    message = ready(conn)["message"]  # type: ignore[index]
+    assert f"Secret {ns}/ledger-exchange not found (spec.tokenExchange.signingKeySecretRef)" in message
+    degraded = next(c for c in conn["status"]["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "SecretMissing"
+    assert await kube.get(resource_path("apps/v1", "Deployment", ns, "ledger-sidegate")) is None
+    config = await kube.get(resource_path("v1", "Secret", ns, "ledger-sidegate-config"))
+    assert config is not None  # rendered meanwhile: it names the key's Secret, never holds the key
+
+    await kube.apply(signing_key_secret(ns, "ledger-exchange"))
+    conn = await wait_ready(kube, ns, "ledger")
+    degraded = next(c for c in conn["status"]["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "False"
+    dep = await kube.get(resource_path("apps/v1", "Deployment", ns, "ledger-sidegate"))
+    svc = await kube.get(resource_path("v1", "Service", ns, "ledger-sidegate"))
+    assert dep is not None and svc is not None
+    pod_spec = dep["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    args = container["args"]
+    assert args[args.index("--token-signing-key") + 1] == "/var/run/sidegate/secrets/ledger-exchange/tls.key"
+    assert args[args.index("--token-issuer") + 1] == f"http://ledger-sidegate.{ns}.svc:9090"
+    mount = next(m for m in container["volumeMounts"]
+                 if m["mountPath"] == "/var/run/sidegate/secrets/ledger-exchange")
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "ledger-exchange"
+    assert not container.get("env") and not container.get("envFrom")
+    assert {"name": "token-exchange", "port": 9090, "targetPort": "admin"}.items() <= next(
+        p for p in svc["spec"]["ports"] if p["name"] == "token-exchange").items()
+    assert "PRIVATE KEY" not in json.dumps(config_doc(config))
+
+
+async def test_exchanged_token_works_on_the_gateway_the_operator_renders(
+    kube: Kube, ns: str, postgres: Any, tmp_path: Path
+) -> None:
+    """The Deployment's own args (config, key, issuer), with its mounts laid out as the kubelet
+    would: a CI token is exchanged at POST /v1/token and the exchanged token logs in to PostgreSQL,
+    while a token exchanged for another Connection is refused."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import aiohttp
+    import jwt
+
+    from sidegate_operator.build import AUDIT_DIR, CONFIG_DIR, SECRETS_DIR
+    from sidegate_proxy.demo import LocalIssuer
+    from sidegate_proxy.localpg import find_pg_bin, wait_port
+    from sidegate_proxy.tokenexchange import GRANT_TYPE, TOKEN_TYPE_JWT
+
+    issuer = LocalIssuer()
+    await kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pg-admin", "namespace": ns},
+                      "stringData": {"username": postgres.admin_user, "password": postgres.admin_password}})
+    await kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ci-jwks", "namespace": ns},
+                      "stringData": {"jwks.json": issuer.jwks().decode()}})
+    await kube.apply(signing_key_secret(ns, "pg-exchange"))
+    await kube.apply(masking(ns, "pii", "pg"))
+    await kube.apply(connection(
+        ns, "pg",
+        target={"host": postgres.host, "port": postgres.port, "database": postgres.database},
+        credentials={"secretRef": {"name": "pg-admin"}},
+        identity={"issuers": [{"name": "demo", "issuer": "https://issuer.demo.sidegate.local",
+                               "audiences": ["sidegate"], "jwksSecretRef": {"name": "ci-jwks", "key": "jwks.json"}}]},
+        tokenExchange={"signingKeySecretRef": {"name": "pg-exchange"}},
+    ))
+    await wait_ready(kube, ns, "pg")
+    secret = await kube.get(resource_path("v1", "Secret", ns, "pg-sidegate-config"))
+    dep = await kube.get(resource_path("apps/v1", "Deployment", ns, "pg-sidegate"))
+    assert secret is not None and dep is not None
+    (config_file := tmp_path / "config" / CONFIG_KEY).parent.mkdir()
+    config_file.write_text(json.dumps(config_doc(secret)))
+    mounted = tmp_path / "secrets"
+    for name in ("pg-admin", "ci-jwks", "pg-exchange"):
+        obj = await kube.get(resource_path("v1", "Secret", ns, name))
+        assert obj is not None
+        (mounted / name).mkdir(parents=True)
+        for key, value in obj["data"].items():
+            (mounted / name / key).write_bytes(base64.b64decode(value))
+
+    # The container's args, with its mount paths mapped to the folders above.
+    paths = {CONFIG_DIR: str(config_file.parent), SECRETS_DIR: str(mounted), AUDIT_DIR: str(tmp_path / "audit")}
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    for i, arg in enumerate(args):
+        for inside, outside in paths.items():
+            if arg.startswith(inside):
+                args[i] = outside + arg[len(inside):]
+    port, admin = free_port(), free_port()
+    args[args.index("--admin") + 1] = f"127.0.0.1:{admin}"
+    issuer_url = args[args.index("--token-issuer") + 1]
+    proc = subprocess.Popen(  # noqa: ASYNC220 (a long-running server, not awaited)
+        [sys.executable, "-m", "sidegate_operator.cli", *args, "--listen", f"127.0.0.1:{port}",
+         "--secrets-dir", str(mounted)],  # the config says secretsDir: the mount path in the pod
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+    def psql(password: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(find_pg_bin() / "psql"), "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "reporter",
+             "-d", postgres.database, "-c", "SELECT email FROM customers ORDER BY id LIMIT 1"],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, "PGPASSWORD": password, "PGCONNECT_TIMEOUT": "10"},
+        )
+
+    async def exchange(audience: str) -> tuple[int, dict[str, Any]]:
+        form = {"grant_type": GRANT_TYPE, "subject_token": issuer.mint("system:serviceaccount:ci:reporter"),
+                "subject_token_type": TOKEN_TYPE_JWT, "audience": audience}
+        async with aiohttp.ClientSession() as client, \
+                client.post(f"http://127.0.0.1:{admin}/v1/token", data=form) as r:
+            return r.status, await r.json()
+
+    try:
+        try:
+            await asyncio.to_thread(wait_port, "127.0.0.1", port, 30.0)
+            await asyncio.to_thread(wait_port, "127.0.0.1", admin, 30.0)
+        except TimeoutError:
+            proc.kill()
+            raise AssertionError(f"the proxy did not start: {proc.communicate()[1]}") from None
+        status, answer = await exchange(f"{ns}/pg")
+        assert status == 200, answer
+        token = answer["access_token"]
+        claims = jwt.decode(token, options={"verify_signature": False})
+        assert claims["iss"] == issuer_url == f"http://pg-sidegate.{ns}.svc:9090"
+        assert claims["aud"] == f"sidegate:{ns}/pg" and claims["sub"] == "system:serviceaccount:ci:reporter"
+        masked = await asyncio.to_thread(psql, token)
+        assert masked.returncode == 0, masked.stderr
+        assert masked.stdout.strip() == "[REDACTED]"
+        status, answer = await exchange(f"{ns}/other")
+        assert status == 400 and answer["error"] == "invalid_target"
+        forged = jwt.encode({**claims, "aud": f"sidegate:{ns}/pg"}, signing_key_pem(), algorithm="ES256",
+                            headers={"kid": "sidegate-1"})
+        refused = await asyncio.to_thread(psql, forged)
+        assert refused.returncode != 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.to_thread(proc.communicate, None, 30)
+    assert proc.returncode == 0, err
+    assert postgres.admin_password not in out + err
+    assert "PRIVATE KEY" not in out + err

@@ -247,3 +247,41 @@ async def test_routes_share_an_existing_app(setup: Any) -> None:
         assert (await resp.json())["issuer"] == SIDEGATE
     await runner.cleanup()
     await auth.aclose()
+
+
+# --------------------------------------------------------------------------- spec.tokenExchange
+
+
+def _config(name: str, exchange: dict[str, Any] | None) -> Any:
+    from sidegate_proxy.config import build_config
+
+    spec: dict[str, Any] = {"type": "postgres", "target": {"host": "db", "port": 5432, "database": "d"},
+                            "credentials": {"secretRef": {"name": "admin"}}}
+    if exchange is not None:
+        spec["tokenExchange"] = exchange
+    return build_config({"apiVersion": "sidegate.dev/v1alpha1", "kind": "Connection",
+                         "metadata": {"name": name, "namespace": "payments"}, "spec": spec}, [])
+
+
+async def test_only_connections_with_token_exchange_issue_and_trust_exchanged_tokens(tmp_path: Any) -> None:
+    from sidegate_proxy.runtime import ProxyGroup, RuntimeOptions, configured_signing_key
+
+    key = ec_pem()
+    secrets = DictSecretStore({"admin": {"username": b"u", "password": b"p"}, "exchange": {"tls.key": key}})
+    exchange = {"signingKeySecretRef": {"name": "exchange"}, "issuer": "https://sidegate.example.com"}
+    configs = [_config("orders", exchange), _config("billing", None)]
+    assert configured_signing_key(configs, secrets) == key  # what --manifests uses without the flag
+    assert configured_signing_key([configs[1]], secrets) is None
+    group = ProxyGroup(configs, secrets, RuntimeOptions(token_signing_key=key, spool_dir=tmp_path))
+    orders, billing = group.runtimes
+    assert billing.token_issuer is None
+    assert orders.token_issuer is not None and orders.token_issuer.issuer == "https://sidegate.example.com"
+    token, _ = orders.token_issuer.issue(CALLER, "payments/orders")
+    assert (await orders.components.authenticator.authenticate(token)).subject == CALLER.subject
+    with pytest.raises(AuthError, match="untrusted issuer"):
+        await billing.components.authenticator.authenticate(token)
+    for r in group.runtimes:
+        await r.components.authenticator.aclose()
+    with pytest.raises(ConfigError, match="different signing keys"):
+        configured_signing_key([configs[0], _config("ledger", {"signingKeySecretRef": {"name": "other"}})],
+                               secrets)

@@ -14,6 +14,7 @@ from typing import Any
 
 from sidegate_proxy.config import (
     API_VERSION,
+    DEFAULT_SIGNING_KEY,
     GROUP,
     ConfigError,
     Connection,
@@ -35,6 +36,8 @@ __all__ = [
     "build_service",
     "build_sidecar",
     "build_sidecar_volumes",
+    "token_exchange_args",
+    "token_issuer_url",
 ]
 
 MANAGER = "sidegate-operator"
@@ -47,6 +50,7 @@ CONFIG_DIR = "/etc/sidegate"
 SECRETS_DIR = "/var/run/sidegate/secrets"  # written into the config as secretsDir
 AUDIT_DIR = "/var/lib/sidegate/audit"
 TOKEN_DIR = "/var/run/sidegate/token"
+TOKEN_EXCHANGE_PORT_NAME = "token-exchange"
 ADMIN_PORT = 9090
 SIDECAR_ADMIN_PORT = 15090  # 9090 is too often the application's own (Prometheus) port
 SIDECAR_NAME = "sidegate-proxy"
@@ -136,6 +140,64 @@ def required_secret_keys(conn: Connection) -> dict[str, tuple[str, ...]]:
     return out
 
 
+# --------------------------------------------------------------------------- token exchange
+
+
+def token_issuer_url(conn: Connection) -> str | None:
+    """The ``iss`` of the Connection's exchanged tokens: where ``POST /v1/token`` is reachable
+    (the gateway Service's admin port, or the sidecar's admin port in the pod), unless set."""
+    te = conn.token_exchange
+    if te is None:
+        return None
+    if te.issuer:
+        return te.issuer
+    if conn.mode == "gateway":
+        return f"http://{gateway_name(conn.name)}.{conn.namespace}.svc:{ADMIN_PORT}"
+    return f"http://127.0.0.1:{SIDECAR_ADMIN_PORT}"
+
+
+def signing_key_path(conn: Connection) -> str | None:
+    """Where the signing key is mounted (its Secret is one of ``secret_names``, mounted whole)."""
+    te = conn.token_exchange
+    if te is None:
+        return None
+    return f"{SECRETS_DIR}/{te.signing_key_ref.name}/{te.signing_key_ref.key or DEFAULT_SIGNING_KEY}"
+
+
+def token_exchange_args(conns: Sequence[Connection]) -> list[str]:
+    """``--token-signing-key FILE --token-issuer URL`` for the proxy process (one key per process:
+    Connections served together must name the same key and issuer)."""
+    chosen = {(signing_key_path(c), token_issuer_url(c)) for c in conns if c.token_exchange is not None}
+    if not chosen:
+        return []
+    if len(chosen) > 1:
+        names = ", ".join(c.name for c in conns if c.token_exchange is not None)
+        raise ConfigError("spec.tokenExchange", f"Connections {names} name different signing keys or "
+                                                "issuers; one proxy holds one")
+    ((path, url),) = chosen
+    assert path is not None and url is not None
+    return ["--token-signing-key", path, "--token-issuer", url]
+
+
+def check_token_exchange(conn: Connection) -> None:
+    """Refuse what would make the proxy fail at start: its exchange issuer also listed as a
+    Connection issuer (the operator's default URL is checked here, an explicit one by the parser)."""
+    url = token_issuer_url(conn)
+    for i, issuer in enumerate(conn.identity.issuers):
+        if url is not None and issuer.issuer == url:
+            raise ConfigError(f"spec.identity.issuers[{i}].issuer",
+                              f"{url} is the token-exchange issuer of this Connection; its tokens are "
+                              "trusted without listing it")
+
+
+def secret_fields(conn: Connection) -> dict[str, tuple[str, ...]]:
+    """Secret name -> the Connection fields that reference it (to say what a missing one is for)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for path, ref, _ in _secret_refs(conn):
+        out[ref.name] = (*out.get(ref.name, ()), path)
+    return out
+
+
 def resources_of(conn_obj: Mapping[str, Any]) -> Mapping[str, Any]:
     spec = conn_obj.get("spec") or {}
     res = spec.get("resources")
@@ -186,7 +248,8 @@ def select_policies(conn_obj: Mapping[str, Any], masking_objs: Iterable[Mapping[
 def render(conn_obj: Mapping[str, Any], masking_objs: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """The validated config document for one Connection (raises ``ConfigError`` when invalid)."""
     doc = render_config(conn_obj, select_policies(conn_obj, masking_objs), secrets_dir=SECRETS_DIR)
-    load_config(doc)  # the exact parse the proxy will do: reject here what it would reject there
+    # the exact parse the proxy will do: reject here what it would reject there
+    check_token_exchange(load_config(doc).connection)
     return doc
 
 
@@ -266,7 +329,7 @@ def build_deployment(conn: Connection, config_hash: str, image: str, *,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "args": ["proxy", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
-                 "--admin", f"0.0.0.0:{ADMIN_PORT}", "--audit-dir", AUDIT_DIR],
+                 "--admin", f"0.0.0.0:{ADMIN_PORT}", "--audit-dir", AUDIT_DIR, *token_exchange_args([conn])],
         "ports": [
             {"name": "proxy", "containerPort": conn.listen_port, "protocol": "TCP"},
             {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
@@ -331,21 +394,22 @@ def build_role_binding(conn: Connection) -> dict[str, Any]:
 
 def build_service(conn: Connection) -> dict[str, Any]:
     name = _dns_label(gateway_name(conn.name), "Service")
+    ports = [{
+        "name": "proxy",
+        "port": conn.listen_port,
+        "targetPort": "proxy",
+        "protocol": "TCP",
+        "appProtocol": "postgresql" if conn.type == "postgres" else "http",
+    }]
+    if conn.token_exchange is not None:
+        # POST /v1/token and the public keys live on the admin port (so do /metrics and the probes).
+        ports.append({"name": TOKEN_EXCHANGE_PORT_NAME, "port": ADMIN_PORT, "targetPort": "admin",
+                      "protocol": "TCP", "appProtocol": "http"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _meta(conn, name, "gateway"),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(conn),
-            "ports": [{
-                "name": "proxy",
-                "port": conn.listen_port,
-                "targetPort": "proxy",
-                "protocol": "TCP",
-                "appProtocol": "postgresql" if conn.type == "postgres" else "http",
-            }],
-        },
+        "spec": {"type": "ClusterIP", "selector": selector_labels(conn), "ports": ports},
     }
 
 
@@ -395,7 +459,7 @@ def build_sidecar(conns: Sequence[Connection], image: str, *,
     args = ["proxy"]
     for conn in conns:
         args += ["--config", f"{CONFIG_DIR}/{conn.name}/{CONFIG_KEY}"]
-    args += ["--admin", f"0.0.0.0:{SIDECAR_ADMIN_PORT}", "--audit-dir", AUDIT_DIR]
+    args += ["--admin", f"0.0.0.0:{SIDECAR_ADMIN_PORT}", "--audit-dir", AUDIT_DIR, *token_exchange_args(conns)]
     mounts = [
         {"name": f"sidegate-config-{i}", "mountPath": f"{CONFIG_DIR}/{c.name}", "readOnly": True}
         for i, c in enumerate(conns)

@@ -16,8 +16,9 @@ from typing import Any, cast
 
 import kopf
 
-from sidegate_proxy.config import GROUP, ConfigError, Connection, parse_connection
+from sidegate_proxy.config import DEFAULT_SIGNING_KEY, GROUP, ConfigError, Connection, parse_connection
 from sidegate_proxy.secrets import secret_data
+from sidegate_proxy.tokenexchange import TokenIssuer
 
 from . import build
 from .kube import KubeError, OperatorContext, connection_path, owned_by, resource_path
@@ -115,13 +116,15 @@ def status_changed(body: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 
 
 def missing_secrets(required: Mapping[str, Sequence[str]], found: Mapping[str, Mapping[str, Any] | None],
-                    namespace: str) -> list[str]:
-    """One line per absent Secret or key, naming exactly what to create."""
+                    namespace: str, fields: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """One line per absent Secret or key, naming exactly what to create (and, given ``fields``,
+    which fields of the Connection need it)."""
     problems = []
     for name, keys in required.items():
+        used_by = f" ({', '.join(fields[name])})" if fields and fields.get(name) else ""
         obj = found.get(name)
         if obj is None:
-            problems.append(f"Secret {namespace}/{name} not found")
+            problems.append(f"Secret {namespace}/{name} not found{used_by}")
             continue
         try:
             present = secret_data(obj)
@@ -130,8 +133,30 @@ def missing_secrets(required: Mapping[str, Sequence[str]], found: Mapping[str, M
             continue
         absent = [k for k in keys if k not in present]
         if absent:
-            problems.append(f"Secret {namespace}/{name} has no key {', '.join(absent)}")
+            problems.append(f"Secret {namespace}/{name} has no key {', '.join(absent)}{used_by}")
     return problems
+
+
+def signing_key_problem(conn: Connection, found: Mapping[str, Mapping[str, Any] | None]) -> str | None:
+    """Why the token-signing key (present, else ``missing_secrets`` says so) would stop the proxy
+    from starting, checked here so a bad key degrades the Connection instead of crash-looping pods."""
+    te = conn.token_exchange
+    obj = found.get(te.signing_key_ref.name) if te is not None else None
+    if te is None or obj is None:
+        return None
+    key = te.signing_key_ref.key or DEFAULT_SIGNING_KEY
+    try:
+        pem = secret_data(obj).get(key)
+    except ValueError:
+        return None  # reported by missing_secrets
+    if pem is None:
+        return None
+    try:
+        TokenIssuer(pem, "https://sidegate.invalid", key_id="check")
+    except ConfigError as exc:
+        return (f"Secret {conn.namespace}/{te.signing_key_ref.name} key {key} "
+                f"(spec.tokenExchange.signingKeySecretRef): {exc.message}")
+    return None
 
 
 def waiting_for_secret(body: Mapping[str, Any]) -> bool:
@@ -179,7 +204,8 @@ async def reconcile(ctx: OperatorContext, body: Mapping[str, Any],
              for name in required}
     # The config holds no credentials, so it is written even while they are missing.
     await ctx.kube.apply(secret)
-    problems = missing_secrets(required, found, conn.namespace)
+    problems = missing_secrets(required, found, conn.namespace, build.secret_fields(conn))
+    problems += filter(None, [signing_key_problem(conn, found)])
     if problems:
         # Nothing rolls out without its credentials: running pods keep the last good setup.
         return Outcome(False, SECRET_MISSING, "; ".join(problems), config_hash, build.endpoint(conn))
@@ -284,5 +310,6 @@ __all__ = [
     "missing_secrets",
     "reconcile",
     "register",
+    "signing_key_problem",
     "status_for",
 ]

@@ -22,6 +22,7 @@ import re2
 import yaml
 
 from sidegate_proxy.config import (
+    DEFAULT_SIGNING_KEY,
     GROUP,
     ConfigError,
     Connection,
@@ -263,6 +264,9 @@ def _secret_refs(conn: Connection) -> Iterator[tuple[str, SecretKeyRef, tuple[st
     if webhook is not None and webhook.secret_ref is not None:
         ref = webhook.secret_ref
         yield "spec.audit.webhook.secretRef", ref, (ref.key or "token",)
+    if conn.token_exchange is not None:
+        ref = conn.token_exchange.signing_key_ref
+        yield "spec.tokenExchange.signingKeySecretRef", ref, (ref.key or DEFAULT_SIGNING_KEY,)
 
 
 class _Checker:

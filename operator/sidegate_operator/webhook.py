@@ -17,7 +17,7 @@ import kopf
 
 from sidegate_proxy.config import GROUP, ConfigError, Connection, parse_connection
 
-from .build import INJECT_ANNOTATION, inject_sidecar
+from .build import INJECT_ANNOTATION, inject_sidecar, token_exchange_args
 from .kube import OperatorContext, connection_path
 
 WEBHOOK_ID = "sidegate-inject"
@@ -64,6 +64,10 @@ def resolve(names: Sequence[str], namespace: str, found: Mapping[str, Mapping[st
             raise InjectionError(f"{INJECT_ANNOTATION}: Connections {other} and {name} both listen on "
                                  f"127.0.0.1:{conn.listen_port}")
         conns.append(conn)
+    try:
+        token_exchange_args(conns)
+    except ConfigError as exc:
+        raise InjectionError(f"{INJECT_ANNOTATION}: {exc.message}") from None
     return conns
 
 

@@ -12,7 +12,14 @@ from pathlib import Path
 
 from .config import ConfigError, ProxyConfig, load_config
 from .manifests import ManifestError, config_from_manifests
-from .runtime import ProxyGroup, RuntimeOptions, run_event_loop, run_until_signal, watch_config
+from .runtime import (
+    ProxyGroup,
+    RuntimeOptions,
+    configured_signing_key,
+    run_event_loop,
+    run_until_signal,
+    watch_config,
+)
 from .secrets import DirSecretStore, SecretMissing, SecretStore
 
 DEFAULT_SECRETS_DIR = "/var/run/sidegate/secrets"
@@ -55,8 +62,11 @@ def proxy_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="FILE", help="serve TLS to clients with this certificate")
     p.add_argument("--tls-key", metavar="FILE")
     p.add_argument("--token-signing-key", metavar="FILE",
-                   help="PEM key that signs exchanged tokens (enables POST /v1/token on the admin port)")
-    p.add_argument("--token-issuer", metavar="URL", help="issuer URL of exchanged tokens")
+                   help="PEM key that signs exchanged tokens (enables POST /v1/token on the admin port; "
+                        "default: the Secret spec.tokenExchange names)")
+    p.add_argument("--token-issuer", metavar="URL",
+                   help="issuer URL of exchanged tokens (default: spec.tokenExchange.issuer, "
+                        "else https://sidegate.<namespace>.svc)")
     p.add_argument("--masking-key-file", metavar="FILE", help="HMAC key of the hash masking strategy")
     p.add_argument("--workload-token", metavar="FILE", default=None,
                    help="service-account token file used with identity.workload")
@@ -87,7 +97,8 @@ def run_proxy(argv: list[str]) -> int:
             config_paths = [Path(c) for c in args.config]
             configs = [load_config_file(p) for p in config_paths]
             secrets = DirSecretStore(args.secrets_dir or configs[0].secrets_dir or DEFAULT_SECRETS_DIR)
-    except (ConfigError, ManifestError, OSError) as exc:
+        signing_key = _read_optional(args.token_signing_key) or configured_signing_key(configs, secrets)
+    except (ConfigError, ManifestError, OSError, SecretMissing) as exc:
         print(f"sidegate proxy: {exc}", file=sys.stderr)
         return 1
 
@@ -102,7 +113,7 @@ def run_proxy(argv: list[str]) -> int:
         audit_stdout=not args.no_audit_stdout,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        token_signing_key=_read_optional(args.token_signing_key),
+        token_signing_key=signing_key,
         token_issuer_url=args.token_issuer,
         masking_key=_read_optional(args.masking_key_file),
         kubeconfig=args.kubeconfig,

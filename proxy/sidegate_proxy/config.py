@@ -19,6 +19,8 @@ GROUP = "sidegate.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 CONFIG_KIND = "ProxyConfig"
+EXCHANGE_ISSUER_NAME = "sidegate-exchange"  # the token-exchange issuer's name (reserved)
+DEFAULT_SIGNING_KEY = "tls.key"  # the key of spec.tokenExchange.signingKeySecretRef (a kubernetes.io/tls Secret)
 
 ConnectionType = Literal["postgres", "http"]
 Action = Literal["allow", "block", "requireApproval"]
@@ -174,6 +176,14 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class TokenExchange:
+    """``spec.tokenExchange``: the proxy signs exchanged tokens with this key (never in the config)."""
+
+    signing_key_ref: SecretKeyRef
+    issuer: str | None = None  # default: where the operator serves it (the gateway Service)
+
+
+@dataclass(frozen=True)
 class Connection:
     name: str
     namespace: str
@@ -188,6 +198,7 @@ class Connection:
     guardrails: tuple[Guardrail, ...] = ()
     approval: Approval = field(default_factory=Approval)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    token_exchange: TokenExchange | None = None
     uid: str | None = None
     generation: int | None = None
 
@@ -451,6 +462,8 @@ def parse_connection(obj: Mapping[str, Any]) -> Connection:
         )
     audit = AuditConfig(kubernetes_events=_bool(au, "kubernetesEvents", "spec.audit", True), webhook=webhook)
 
+    token_exchange = _token_exchange(spec.get("tokenExchange"), issuers)
+
     listen = _map(spec.get("listen"), "spec.listen")
     default_port = 15432 if ctype == "postgres" else 18080
     return Connection(
@@ -468,9 +481,32 @@ def parse_connection(obj: Mapping[str, Any]) -> Connection:
         guardrails=guardrails,
         approval=approval,
         audit=audit,
+        token_exchange=token_exchange,
         uid=meta.get("uid"),
         generation=meta.get("generation"),
     )
+
+
+def _token_exchange(obj: Any, issuers: Sequence[Issuer]) -> TokenExchange | None:
+    if obj is None:
+        return None
+    path = "spec.tokenExchange"
+    m = _map(obj, path)
+    ref = _secret_ref(m.get("signingKeySecretRef"), f"{path}.signingKeySecretRef", DEFAULT_SIGNING_KEY)
+    if ref is None:
+        raise ConfigError(f"{path}.signingKeySecretRef", "required")
+    issuer = _opt_str(m, "issuer", path)
+    if issuer is not None and not re.match(r"^https?://\S+$", issuer):
+        raise ConfigError(f"{path}.issuer", "must be an http(s) URL")
+    for i, other in enumerate(issuers):
+        # The proxy trusts its exchanged tokens as one more issuer, named EXCHANGE_ISSUER_NAME.
+        if other.name == EXCHANGE_ISSUER_NAME:
+            raise ConfigError(f"spec.identity.issuers[{i}].name",
+                              f"{EXCHANGE_ISSUER_NAME!r} is reserved for spec.tokenExchange")
+        if issuer is not None and other.issuer == issuer:
+            raise ConfigError(f"{path}.issuer", f"also spec.identity.issuers[{i}]; exchanged tokens are "
+                                                "trusted without listing their issuer")
+    return TokenExchange(signing_key_ref=ref, issuer=issuer)
 
 
 def parse_guardrail(g: Mapping[str, Any], path: str) -> Guardrail:

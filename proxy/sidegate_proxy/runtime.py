@@ -26,7 +26,7 @@ from aiohttp import web
 from .admin import admin_app
 from .approvals import ApprovalBroker, pg_approval_hook
 from .audit import AuditLog
-from .config import ConfigError, ProxyConfig
+from .config import DEFAULT_SIGNING_KEY, ConfigError, ProxyConfig
 from .guardrails import Guard
 from .identity import Authenticator, WorkloadIdentity
 from .kube import KubeClient, KubeConfig, KubeConfigError
@@ -120,7 +120,9 @@ class ProxyRuntime:
         self.metrics = metrics or Metrics()
         self.token_issuer: TokenIssuer | None = None
         if self.options.token_signing_key:
-            url = self.options.token_issuer_url or f"https://sidegate.{config.connection.namespace}.svc"
+            te = config.connection.token_exchange
+            url = (self.options.token_issuer_url or (te.issuer if te is not None else None)
+                   or f"https://sidegate.{config.connection.namespace}.svc")
             self.token_issuer = TokenIssuer(self.options.token_signing_key, url, key_id="sidegate-1")
         self.components = self.build(config)
         self.audit: AuditLog | None = None
@@ -274,12 +276,25 @@ class ProxyRuntime:
             self._spool_tmp.cleanup()
 
 
+def configured_signing_key(configs: Sequence[ProxyConfig], secrets: SecretStore) -> bytes | None:
+    """The key ``spec.tokenExchange.signingKeySecretRef`` names (when no ``--token-signing-key``
+    is given), read from the Secret store like every other credential."""
+    refs = {c.connection.token_exchange.signing_key_ref for c in configs if c.connection.token_exchange}
+    if not refs:
+        return None
+    if len(refs) > 1:
+        raise ConfigError("spec.tokenExchange.signingKeySecretRef",
+                          "the Connections served here name different signing keys; one proxy holds one")
+    (ref,) = refs
+    return secrets.get(ref, ref.key or DEFAULT_SIGNING_KEY)
+
+
 def exchange_routes(runtimes: Sequence[ProxyRuntime]) -> list[web.RouteDef]:
     """``POST /v1/token`` for the Connections served here that have a token-signing key."""
     issuing = [r for r in runtimes if r.token_issuer is not None]
     if not issuing:
         return []
-    by_ref = {r.config.connection.ref: r for r in runtimes}
+    by_ref = {r.config.connection.ref: r for r in issuing}  # no tokens for what would not trust them
 
     def authenticator_for(ref: str) -> Authenticator | None:
         r = by_ref.get(ref)
@@ -301,6 +316,9 @@ class ProxyGroup:
         self.metrics = Metrics()
         self.options = options
         several = len(configs) > 1
+        # With spec.tokenExchange on some Connections, only those issue and trust exchanged tokens;
+        # without it anywhere, --token-signing-key applies to every Connection served here.
+        declared = any(c.connection.token_exchange is not None for c in configs)
         self.runtimes = [
             ProxyRuntime(
                 c, secrets,
@@ -310,6 +328,8 @@ class ProxyGroup:
                     spool_dir=(options.spool_dir / f"{c.connection.namespace}-{c.connection.name}"
                                if several and options.spool_dir is not None else options.spool_dir),
                     instance_id=f"{options.instance_id}/{c.connection.name}" if several else options.instance_id,
+                    token_signing_key=(options.token_signing_key
+                                       if not declared or c.connection.token_exchange is not None else None),
                 ),
                 metrics=self.metrics,
             )

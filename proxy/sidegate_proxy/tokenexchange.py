@@ -20,7 +20,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .config import ConfigError, Issuer
+from .config import EXCHANGE_ISSUER_NAME, ConfigError, Issuer
 from .identity import Authenticator, AuthError
 from .jwks import StaticJWKS
 from .policy import Caller
@@ -36,7 +36,7 @@ TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
 SUBJECT_TOKEN_TYPES = frozenset({TOKEN_TYPE_JWT, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_ACCESS_TOKEN})
 REQUESTED_TOKEN_TYPES = frozenset({TOKEN_TYPE_JWT, TOKEN_TYPE_ACCESS_TOKEN})
 ORIGINAL_ISSUER_CLAIM = "sidegate.orig_iss"
-ISSUER_NAME = "sidegate-exchange"
+ISSUER_NAME = EXCHANGE_ISSUER_NAME  # reserved: no spec.identity issuer may take it
 _EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384"}
 
 
