@@ -58,6 +58,7 @@ class Target:
     user: str
     password: str
     database: str
+    pid: int | None = None  # the proxy's process, whose CPU time per query is reported
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Result:
     transactions: int
     failed: int
     added_ms: float = 0.0  # average latency minus direct's, same mode and clients
+    proxy_cpu_us: float | None = None  # the proxy process's CPU (user + system) per transaction
     tps_ratio: float = 1.0  # TPS over direct's, same mode and clients
 
 
@@ -100,7 +102,7 @@ def write_manifests(folder: Path, pg: LocalPostgres, issuer: LocalIssuer, port: 
 
 
 @contextlib.contextmanager
-def sidegate(pg: LocalPostgres, issuer: LocalIssuer, workdir: Path) -> Iterator[int]:
+def sidegate(pg: LocalPostgres, issuer: LocalIssuer, workdir: Path) -> Iterator[tuple[int, int]]:
     """``sidegate proxy --manifests`` as production runs it: its own process, audit spooled."""
     port = free_port()
     manifests = workdir / "manifests"
@@ -116,7 +118,7 @@ def sidegate(pg: LocalPostgres, issuer: LocalIssuer, workdir: Path) -> Iterator[
             wait_port("127.0.0.1", port, timeout=30)
         except TimeoutError:
             raise RuntimeError(f"sidegate did not start: {(workdir / 'sidegate.log').read_text()}") from None
-        yield port
+        yield port, proc.pid
     finally:
         proc.terminate()
         try:
@@ -128,7 +130,7 @@ def sidegate(pg: LocalPostgres, issuer: LocalIssuer, workdir: Path) -> Iterator[
 
 
 @contextlib.contextmanager
-def pgbouncer(pg: LocalPostgres, workdir: Path) -> Iterator[int]:
+def pgbouncer(pg: LocalPostgres, workdir: Path) -> Iterator[tuple[int, int]]:
     """PgBouncer on loopback: ``app`` in transaction mode, ``app_session`` in session mode."""
     port = free_port()
     folder = workdir / "pgbouncer"
@@ -165,7 +167,8 @@ pidfile = {folder}/pgbouncer.pid
         except TimeoutError:
             log = folder / "pgbouncer.log"
             raise RuntimeError(f"pgbouncer did not start: {log.read_text() if log.exists() else ''}") from None
-        yield port
+        pidfile = folder / "pgbouncer.pid"  # runuser's child, not proc
+        yield port, int(pidfile.read_text().strip()) if pidfile.exists() else proc.pid
     finally:
         proc.terminate()
         try:
@@ -206,13 +209,21 @@ def _find(pattern: str, text: str, what: str) -> str:
     return m.group(1)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pgbench(pg: LocalPostgres, target: Target, mode: str, clients: int, duration: int, logdir: Path) -> Result:
     prefix = logdir / f"{re.sub(r'[^a-z0-9]+', '_', target.name.lower())}_{mode}_{clients}"
     argv = [pg_tool("pgbench", pg), "-n", "-S", "-M", mode, "-c", str(clients), "-j", "1", "-T", str(duration),
             "-l", f"--log-prefix={prefix}", "-h", "127.0.0.1", "-p", str(target.port), "-U", target.user,
             target.database]
+    cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
     proc = subprocess.run(argv, capture_output=True, text=True, env=_env(target), timeout=duration + 120,
                           check=False)
+    cpu = cpu_seconds(target.pid) - cpu_before if target.pid else None
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"pgbench against {target.name} failed ({proc.returncode}):\n{out}")
@@ -225,13 +236,15 @@ def pgbench(pg: LocalPostgres, target: Target, mode: str, clients: int, duration
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0] if latencies else 0] * 99
     failed = _find(r"number of failed transactions: (\d+)", out, "failed transactions") \
         if "failed transactions" in out else "0"
+    transactions = int(_find(r"number of transactions actually processed: (\d+)", out, "transactions"))
     return Result(
         target=target.name, mode=mode, clients=clients,
         tps=float(_find(r"tps = ([\d.]+) \(without initial connection time\)", out, "tps")),
         latency_avg_ms=float(_find(r"latency average = ([\d.]+) ms", out, "latency average")),
         p50_ms=q[49] / 1000.0, p99_ms=q[98] / 1000.0,
-        transactions=int(_find(r"number of transactions actually processed: (\d+)", out, "transactions")),
+        transactions=transactions,
         failed=int(failed),
+        proxy_cpu_us=cpu / transactions * 1e6 if cpu is not None and transactions else None,
     )
 
 
@@ -246,13 +259,14 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
     workdir = Path(tempfile.mkdtemp(prefix="sidegate-bench-pg-"))
     os.chmod(workdir, 0o755)
     try:
-        with LocalPostgres() as pg, sidegate(pg, issuer, workdir) as sg_port, pgbouncer(pg, workdir) as pb_port:
+        with LocalPostgres() as pg, sidegate(pg, issuer, workdir) as (sg_port, sg_pid), \
+                pgbouncer(pg, workdir) as (pb_port, pb_pid):
             subprocess.run([pg_tool("pgbench", pg), "-i", "-q", "-s", str(scale), "-h", str(pg.sockdir), "-p",
                             str(pg.port), "-U", pg.user, pg.database], check=True, capture_output=True)
             direct = Target("direct", pg.port, pg.user, pg.password, pg.database)
-            bouncer = Target("PgBouncer", pb_port, pg.user, pg.password, pg.database)
-            bouncer_session = Target("PgBouncer", pb_port, pg.user, pg.password, f"{pg.database}_session")
-            gate = Target("Sidegate", sg_port, "bot", issuer.mint(BOT), pg.database)
+            bouncer = Target("PgBouncer", pb_port, pg.user, pg.password, pg.database, pb_pid)
+            bouncer_session = Target("PgBouncer", pb_port, pg.user, pg.password, f"{pg.database}_session", pb_pid)
+            gate = Target("Sidegate", sg_port, "bot", issuer.mint(BOT), pg.database, sg_pid)
             check_policy(pg, gate)
             logdir = workdir / "logs"
             logdir.mkdir()
@@ -292,16 +306,20 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
     }
 
 
+def _cpu(r: dict[str, Any]) -> str:
+    return "-" if r.get("proxy_cpu_us") is None else f"{r['proxy_cpu_us']:.0f}"
+
+
 def format_table(data: dict[str, Any]) -> str:
     lines = [
         f"{'target':<11}{'mode':<10}{'clients':>8}{'TPS':>10}{'avg ms':>9}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'+avg ms':>9}{'TPS/direct':>11}{'failed':>8}",
+        f"{'+avg ms':>9}{'TPS/direct':>11}{'proxy CPU us/q':>15}{'failed':>8}",
     ]
     for r in data["results"]:
         lines.append(
             f"{r['target']:<11}{r['mode']:<10}{r['clients']:>8}{r['tps']:>10.0f}{r['latency_avg_ms']:>9.3f}"
             f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['added_ms']:>9.3f}{r['tps_ratio']:>11.2f}"
-            f"{r['failed']:>8}"
+            f"{_cpu(r):>15}{r['failed']:>8}"
         )
     return "\n".join(lines)
 

@@ -107,13 +107,14 @@ def _pg_md(data: dict[str, Any]) -> list[str]:
         "simple protocol and `-M prepared`. Latency average from pgbench; p50/p99 from its "
         "per-transaction logs (`-l`). Added latency = average latency minus direct's at the same point.",
         "",
-        "| target | protocol | clients | TPS | avg ms | p50 ms | p99 ms | added ms/query | TPS / direct | failed |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | protocol | clients | TPS | avg ms | p50 ms | p99 ms | added ms/query | TPS / direct "
+        "| proxy CPU µs/query | failed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["results"]:
         out.append(f"| {r['target']} | {r['mode']} | {r['clients']} | {r['tps']:.0f} | {r['latency_avg_ms']:.3f} | "
                    f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['added_ms']:+.3f} | {r['tps_ratio']:.2f} | "
-                   f"{r['failed']} |")
+                   f"{bench_pg._cpu(r)} | {r['failed']} |")
     out += ["", *[f"- {n}" for n in data["notes"]]]
     out += ["- " + ", ".join(f"{k}: {v}" for k, v in data["versions"].items())]
     return out
