@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .config import build_config
 from .localpg import LocalPostgres, find_pg_bin, free_port, sample_database
-from .runtime import ProxyRuntime, RuntimeOptions
+from .runtime import ProxyRuntime, RuntimeOptions, run_event_loop
 from .secrets import DictSecretStore
 from .sinks import FileSink
 
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--once", action="store_true", help="run the scripted steps and exit")
     p.add_argument("--port", type=int, default=None, help="gateway port (default: a free one)")
     args = p.parse_args(argv)
-    return asyncio.run(run_demo(args.once, args.port))
+    return run_event_loop(run_demo(args.once, args.port))
 
 
 if __name__ == "__main__":
