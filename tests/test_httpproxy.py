@@ -39,6 +39,7 @@ from sidegate_proxy.httpproxy import (
     decode_body,
     forward_headers,
     is_maskable,
+    request_id,
 )
 from sidegate_proxy.identity import Authenticator
 from sidegate_proxy.masking import MaskingEngine
@@ -668,6 +669,66 @@ async def test_unmaskable_responses_refused_not_passed_in_clear(
         # the exempt caller is not masked, so nothing needs buffering
         async with g.client.get(g.url + "/big", headers=g.auth(sub="aud", groups=("auditors",))) as r:
             assert r.status == 200 and await r.read() == big
+
+
+async def test_masked_answers_memoised_per_masker_and_only_when_masked(
+    upstream: Upstream, issuer: OIDCIssuer, tmp_path: Path
+) -> None:
+    """A repeated answer is masked once: the memo gives the same bytes and counts as masking
+    would, never a clear body to a masked caller nor a masked one to an exempt caller, and never
+    remembers a refusal."""
+    upstream.responders["/c"] = json_doc(CUSTOMER)
+    upstream.responders["/other"] = json_doc({**CUSTOMER, "total": 1})
+    upstream.responders["/not-json"] = raw(b'{"email": "' + EMAIL.encode() + b'", oops', "application/json")
+    bodies: dict[int, list[bytes]] = {}
+    for entries in (0, 2):
+        settings = HTTPSettings(mask_cache_entries=entries)
+        async with gateway(upstream, issuer, tmp_path, settings=settings) as g:
+            got = bodies.setdefault(entries, [])
+            for path in ("/c", "/c", "/other", "/c", "/not-json", "/not-json"):
+                async with g.client.get(g.url + path, headers=g.auth()) as r:
+                    got.append(await r.read())
+                    assert r.status == (502 if path == "/not-json" else 200)
+            async with g.client.get(g.url + "/c", headers=g.auth(sub="aud", groups=("auditors",))) as r:
+                assert await r.json() == CUSTOMER  # the exempt caller's masker is another one
+            assert len(g.proxy._masked_bodies) == (2 if entries else 0)
+            events = await g.events(7)
+            masked = [e["unmapped"].get("masked") for e in events[:7]]
+            assert masked[0] == masked[1] == masked[3] and masked[0]["emails"] >= 3
+            assert not masked[4] and not masked[5] and not masked[6]
+    assert bodies[0] == bodies[2]
+    assert bodies[0][0] == bodies[0][1] and not any(s.encode() in bodies[0][0] for s in SECRETS_IN_CUSTOMER)
+
+
+async def test_reload_drops_what_was_remembered_per_caller(
+    gw: Gateway, upstream: Upstream, issuer: OIDCIssuer
+) -> None:
+    """Access decisions and maskers are memoised per caller within one policy snapshot only."""
+    upstream.responders["/c"] = json_doc(CUSTOMER)
+    token = gw.token()
+    async with gw.client.get(gw.url + "/c", headers=gw.auth(token)) as r:
+        assert r.status == 200 and EMAIL not in await r.text()
+    p = gw.proxy.policy
+    exempting = {**PII_POLICY, "spec": {**PII_POLICY["spec"], "exempt": {"subjects": ["repo:acme/*"]}}}
+    cfg = build_config(connection(upstream.url, issuer), [exempting])
+    gw.proxy.reload(cfg, authenticator=p.authenticator, guard=p.guard,
+                    masking_engine=MaskingEngine(cfg.masking, b"m" * 32))
+    async with gw.client.get(gw.url + "/c", headers=gw.auth(token)) as r:
+        assert r.status == 200 and await r.json() == CUSTOMER
+    cfg = build_config(connection(upstream.url, issuer, access=[{"groups": ["auditors"]}]), [PII_POLICY])
+    gw.proxy.reload(cfg, authenticator=p.authenticator, guard=p.guard, masking_engine=p.masking)
+    async with gw.client.get(gw.url + "/c", headers=gw.auth(token)) as r:
+        await problem_of(r, 403)
+
+
+def test_request_ids_are_uuid4() -> None:
+    import uuid
+
+    ids = {request_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for rid in ids:
+        u = uuid.UUID(hex=rid)
+        assert u.hex == rid and u.version == 4 and u.variant == uuid.RFC_4122
 
 
 async def test_range_requests_stripped_for_masked_callers(gw: Gateway, upstream: Upstream) -> None:

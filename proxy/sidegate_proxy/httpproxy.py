@@ -19,12 +19,12 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import ssl
 import time
-import uuid
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -83,6 +83,7 @@ BINARY_TYPES = (
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
 DECODABLE_ENCODINGS = "gzip, deflate, br"
 PROBLEM_BASE = "https://sidegate.dev/problems/"
+MAX_CACHED_CALLERS = 4096
 
 
 class BodyTooLarge(Exception):
@@ -113,6 +114,11 @@ class HTTPSettings:
     chunk_size: int = 64 * 1024
     allow_websockets: bool = True
     max_connections: int = 256
+    # Masked answers remembered by a digest of the clear body, per masker (0: none): an API
+    # answering the same document again (polling, lists) is masked once. Masking is a pure
+    # function of masker, content type and body, so a hit is exactly what masking would give.
+    mask_cache_entries: int = 256
+    mask_cache_max_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -125,10 +131,25 @@ class Policy:
     guard: Guard
     masking: MaskingEngine
     workload: WorkloadIdentity | None = None
+    # caller -> (access decision, masker): both pure functions of this snapshot and the caller,
+    # and a bot sends many requests with one token (the authenticator hands back the same Caller)
+    _per_caller: dict[Caller, tuple[Decision, Masker]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def connection(self) -> Connection:
         return self.config.connection
+
+    def judge(self, caller: Caller) -> tuple[Decision, Masker]:
+        """The access-list decision and the masker for ``caller``, memoised per caller."""
+        hit = self._per_caller.get(caller)
+        if hit is None:
+            hit = (check_access(self.config.connection, caller), self.masking.for_caller(caller))
+            if len(self._per_caller) >= MAX_CACHED_CALLERS:
+                self._per_caller.clear()
+            self._per_caller[caller] = hit
+        return hit
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -372,6 +393,35 @@ def _upstream_error(exc: BaseException) -> tuple[int, str, str, str]:
     return 502, "upstream-unavailable", "connect", "the target could not be reached"
 
 
+class _ConnectionMetrics:
+    """The metric children one Connection's requests touch, bound once: ``.labels()`` takes a
+    lock and builds a key tuple on every call, which adds up at thousands of requests a second."""
+
+    __slots__ = ("_commands", "_masked", "latency", "metrics", "name", "sessions")
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.metrics = metrics
+        self.name = name
+        self.sessions = metrics.sessions.labels(name, PROTOCOL)
+        self.latency = metrics.latency.labels(name, PROTOCOL)
+        self._commands: dict[str, Any] = {}
+        self._masked: dict[str, Any] = {}
+
+    def command(self, action: str) -> None:
+        child = self._commands.get(action)
+        if child is None:
+            child = self._commands[action] = self.metrics.commands.labels(self.name, PROTOCOL, action)
+        child.inc()
+
+    def masked(self, rule: str, n: int) -> None:
+        child = self._masked.get(rule)
+        if child is None:
+            if len(self._masked) >= 1024:  # rule names come from config, but stay bounded
+                self._masked.clear()
+            child = self._masked[rule] = self.metrics.masked.labels(self.name, PROTOCOL, rule)
+        child.inc(n)
+
+
 # --------------------------------------------------------------------------- the proxy
 
 
@@ -399,6 +449,8 @@ class HTTPProxy:
         self.approvals = approvals
         self.policy = Policy(config, authenticator, guard, masking, workload)
         self._sessions: dict[TLSConfig, aiohttp.ClientSession] = {}
+        self._metrics: _ConnectionMetrics | None = None
+        self._masked_bodies: dict[tuple[Masker, str, bytes], tuple[bytes, dict[str, int]]] = {}
 
     @property
     def config(self) -> ProxyConfig:
@@ -419,6 +471,7 @@ class HTTPProxy:
     ) -> None:
         """New requests get the new policy; requests in flight finish on the one they started with."""
         self.policy = Policy(config, authenticator, guard, masking_engine, workload)
+        self._masked_bodies = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -462,20 +515,22 @@ class HTTPProxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         policy = self.policy
         conn = policy.connection
-        labels = (conn.name, PROTOCOL)
+        m = self._metrics
+        if m is None or m.name != conn.name:
+            m = self._metrics = _ConnectionMetrics(self.metrics, conn.name)
         record = RequestRecord(request=request, started=time.perf_counter())
-        self.metrics.sessions.labels(*labels).inc()
+        m.sessions.inc()
         try:
             response = await self._handle(policy, request, record)
             record.status = record.status or response.status
             return response
         finally:
-            self.metrics.sessions.labels(*labels).dec()
+            m.sessions.dec()
             elapsed = time.perf_counter() - record.started
-            self.metrics.commands.labels(conn.name, PROTOCOL, record.decision.action).inc()
-            self.metrics.latency.labels(*labels).observe(elapsed)
+            m.command(record.decision.action)
+            m.latency.observe(elapsed)
             for rule, n in record.masked.items():
-                self.metrics.masked.labels(conn.name, PROTOCOL, rule).inc(n)
+                m.masked(rule, n)
             await self._record(conn, record, elapsed)
 
     async def _handle(
@@ -486,7 +541,7 @@ class HTTPProxy:
         if caller is None:
             return problem(401, "unauthenticated", "Unauthorized", record.reason)
         record.caller = caller
-        access = check_access(conn, caller)
+        access, masker = policy.judge(caller)
         if not access.allowed:
             record.decision = access
             record.reason = access.reason
@@ -542,7 +597,6 @@ class HTTPProxy:
             return problem(502, "secret-missing", "Bad Gateway",
                            "a Secret the gateway needs for this connection is unavailable")
 
-        masker = policy.masking.for_caller(caller)
         if (
             self.settings.allow_websockets
             and method == "GET"
@@ -682,25 +736,49 @@ class HTTPProxy:
         if upstream.content_length is not None and upstream.content_length > limit:
             return refuse("response-too-large", "Response too large to mask", too_large)
         try:
-            raw = await self._read_limited(upstream.content, limit)
+            if upstream.content_length is not None:  # most API answers: one read, no chunk loop
+                raw = await upstream.content.readexactly(upstream.content_length)
+            else:
+                raw = await self._read_limited(upstream.content, limit)
             data = decode_body(raw, upstream.headers.get("Content-Encoding", ""), limit)
         except BodyTooLarge:
             return refuse("response-too-large", "Response too large to mask", too_large)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
             return self._fail(conn, record, exc)
         except (ValueError, zlib.error, brotli.error) as exc:
             log.warning("connection %s: undecodable response body: %s", conn.ref, exc)
             return refuse("undecodable-response", "Bad Gateway", "the response body could not be decoded")
         content_type = upstream.headers.get("Content-Type", "")
-        text, charset = decode_text(data, upstream.charset)
         try:
-            masked, counts = mask_body(masker, text, content_type)
+            body, counts = self._mask_cached(masker, data, content_type, upstream.charset)
         except Unmaskable as exc:
             return refuse("unmaskable-response", "Bad Gateway", str(exc))
         record.masked = counts
         headers = response_headers(upstream.headers, drop_body_headers=True)
-        return web.Response(status=upstream.status, reason=upstream.reason,
-                            body=masked.encode(charset, "replace"), headers=headers)
+        return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+
+    def _mask_cached(
+        self, masker: Masker, data: bytes, content_type: str, charset: str | None
+    ) -> tuple[bytes, dict[str, int]]:
+        """The masked body and its counts; from the memo when this masker has masked the same
+        bytes of the same type before. Only successes are remembered: an unmaskable body is
+        judged (and refused) every time."""
+        s = self.settings
+        key = None
+        if s.mask_cache_entries > 0 and len(data) <= s.mask_cache_max_bytes:
+            key = (masker, content_type, hashlib.sha256(data).digest())
+            hit = self._masked_bodies.get(key)
+            if hit is not None:
+                return hit[0], dict(hit[1])
+        text, cs = decode_text(data, charset)
+        masked, counts = mask_body(masker, text, content_type)
+        body = masked.encode(cs, "replace")
+        if key is not None:
+            memo = self._masked_bodies
+            if len(memo) >= s.mask_cache_entries:
+                del memo[next(iter(memo))]  # the oldest
+            memo[key] = (body, dict(counts))
+        return body, counts
 
     async def _websocket(
         self,
@@ -802,6 +880,16 @@ def approval_statement(method: str, target: str, body: bytes | None) -> str:
     return statement
 
 
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def request_id() -> str:
+    """``uuid.uuid4().hex`` (random, version 4, RFC 4122 variant) without building a UUID object."""
+    n = int.from_bytes(os.urandom(16), "big")
+    return f"{(n & _UUID4_CLEAR) | _UUID4_SET:032x}"
+
+
 class RequestRecord:
     """What one request did, filled in as it goes, turned into its audit event at the end."""
 
@@ -810,7 +898,7 @@ class RequestRecord:
     def __init__(self, request: web.Request, started: float) -> None:
         self.request = request
         self.started = started
-        self.request_id = uuid.uuid4().hex
+        self.request_id = request_id()
         self.caller: Caller | None = None
         self.decision: Decision = Decision("block", "identity", "unauthenticated")
         self.masked: dict[str, int] = {}
