@@ -5,19 +5,34 @@ Built on ``sidegate_proxy.localpg`` (initdb into a temp dir, loopback port, runs
 users that exercise the other upstream methods: ``sidegate_md5`` (md5) and ``sidegate_pw``
 (cleartext ``password``). The sample schema is localpg's: customers (100 rows with emails and
 card numbers), orders, the view v_customers.
+
+Opt-in TLS variants for the upstream-TLS tests (``postgres_tls``, ``postgres_tls_wrong_host``): more
+clusters, started only when a test asks, with ``ssl = on``, a server certificate from a throwaway
+CA (``test_ca``) and a pg_hba that admits the gateway user over ``hostssl`` only (``hostnossl``
+logins are rejected), so a session that works proves TLS was used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
+import os
+import pwd
 import secrets
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from oidc_issuer import OIDCIssuer
 from sidegate_proxy.audit import AuditEvent, AuditLog
@@ -78,6 +93,155 @@ def postgres() -> Iterator[PG]:
         yield PG(server.host, server.port, server.database, server.user, server.password, server)
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- opt-in: PostgreSQL with TLS
+
+
+@dataclass(frozen=True)
+class TestCA:
+    """A throwaway certificate authority: ``cert_pem`` goes into the caSecretRef Secret."""
+
+    __test__ = False  # not a test class, despite the name
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @classmethod
+    def create(cls, name: str = "sidegate test upstream CA") -> TestCA:
+        now = datetime.datetime.now(datetime.UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        cert = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert, key)
+
+    def issue(self, dns_names: Sequence[str] = ("localhost",),
+              ips: Sequence[str] = ("127.0.0.1",)) -> tuple[bytes, bytes]:
+        """A server certificate for these names: ``(cert_pem, key_pem)``."""
+        now = datetime.datetime.now(datetime.UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        cn = (list(dns_names) + list(ips))[0]
+        cert = (
+            x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@dataclass(frozen=True)
+class TLSPG(PG):
+    """A cluster serving TLS with a certificate from ``ca`` for ``cert_names``."""
+
+    ca: TestCA
+    cert_names: tuple[str, ...]
+
+    def authorized_logins(self) -> list[str]:
+        """The server log's ``connection authorized`` lines for the gateway user over TCP (not the
+        fixture's own psql on the Unix socket): a login that never got that far left no line; a TLS
+        one says ``SSL enabled``."""
+        text = self.server.logfile.read_text(errors="replace")
+        return [line for line in text.splitlines()
+                if " tcp=127.0.0.1 " in line and f"connection authorized: user={self.admin_user} " in line]
+
+
+def _write_for_server(server: LocalPostgres, path: Path, data: bytes, mode: int) -> None:
+    path.write_bytes(data)
+    os.chmod(path, mode)
+    if os.geteuid() == 0:  # the server runs as the postgres system user, which must own its key
+        pw = pwd.getpwnam("postgres")
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+def _wait_plaintext_refused(pg: PG, timeout: float = 10.0) -> None:
+    """pg_reload_conf() only signals the postmaster: wait until a non-TLS login is turned away."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(pg.dsn + " sslmode=disable connect_timeout=5"):
+                pass
+        except psycopg.OperationalError as exc:
+            if "no pg_hba.conf entry" in str(exc) or "rejects connection" in str(exc):
+                return
+            raise
+        if time.monotonic() > deadline:
+            raise RuntimeError("pg_hba.conf reload did not take effect")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def tls_postgres(ca: TestCA, dns_names: Sequence[str] = ("localhost",),
+                 ips: Sequence[str] = ("127.0.0.1",)) -> Iterator[TLSPG]:
+    """A throwaway cluster with ``ssl = on`` and a certificate from ``ca`` for these names; TCP logins
+    for the gateway user only over ``hostssl`` (SCRAM), plaintext TCP logins rejected."""
+    try:
+        server = LocalPostgres(database="app")
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        cert_pem, key_pem = ca.issue(dns_names, ips)
+        cert_file, key_file = server.root / "server.crt", server.root / "server.key"
+        _write_for_server(server, cert_file, cert_pem, 0o644)
+        _write_for_server(server, key_file, key_pem, 0o600)
+        server.settings = (*server.settings, "ssl = on", f"ssl_cert_file = '{cert_file}'",
+                           f"ssl_key_file = '{key_file}'", "ssl_min_protocol_version = 'TLSv1.2'",
+                           "log_connections = on", "log_line_prefix = '%m [%p] tcp=%h '")
+        server.start()
+        hba = server.data / "pg_hba.conf"
+        rules = (f"hostssl all {server.user} 127.0.0.1/32 scram-sha-256\n"
+                 "hostnossl all all 127.0.0.1/32 reject\n"
+                 "hostnossl all all ::1/128 reject\n")
+        hba.write_text(rules + hba.read_text())
+        server.sql("SELECT pg_reload_conf()")
+        pg = TLSPG(server.host, server.port, server.database, server.user, server.password, server,
+                   ca, (*dns_names, *ips))
+        _wait_plaintext_refused(pg)
+        yield pg
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> TestCA:
+    """The CA behind the TLS clusters' certificates (a session's worth; never on disk)."""
+    return TestCA.create()
+
+
+@pytest.fixture(scope="session")
+def postgres_tls(test_ca: TestCA) -> Iterator[TLSPG]:
+    """A TLS-only cluster whose certificate names 127.0.0.1 and localhost."""
+    with tls_postgres(test_ca) as pg:
+        yield pg
+
+
+@pytest.fixture(scope="session")
+def postgres_tls_wrong_host(test_ca: TestCA) -> Iterator[TLSPG]:
+    """A TLS-only cluster on 127.0.0.1 whose certificate (from the same CA) names another host."""
+    with tls_postgres(test_ca, dns_names=("db.other.invalid",), ips=()) as pg:
+        yield pg
 
 
 # --------------------------------------------------------------------------- the proxy, in-process
