@@ -38,11 +38,6 @@ pytestmark = pytest.mark.postgres
 CA_SECRET = "orders-db-ca"
 CA_REF = {"name": CA_SECRET, "key": "ca.crt"}
 STAT_SSL = "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
-# Filed as /tmp/helper-tls.patch (pgproxy.py is being refactored; not edited here).
-TLS_MESSAGE_BUG = ("pgproxy.open_upstream reports a failed TLS handshake (untrusted CA, wrong host name) "
-                   "as 'the target database is unreachable': the client is not told TLS failed")
-CA_MESSAGE_BUG = ("pgproxy.open_upstream reports a missing or unusable caSecretRef as 'the gateway's "
-                  "credentials for the target are unavailable': nothing tells the CA is at fault")
 
 
 def ca_secret(ca: TestCA | bytes) -> dict[str, dict[str, bytes]]:
@@ -218,7 +213,6 @@ async def test_verify_full_refuses_bad_certificate(request: pytest.FixtureReques
         assert not any(e.kind == "command" for e in p.audit.events)
 
 
-@pytest.mark.xfail(reason=TLS_MESSAGE_BUG, strict=True)
 @pytest.mark.parametrize("case", list(BAD_CERTS))
 async def test_verify_full_refusal_names_tls(request: pytest.FixtureRequest, tmp_path: Path,
                                              other_ca: TestCA, case: str) -> None:
@@ -256,7 +250,6 @@ async def test_unusable_ca_secret_fails_closed(postgres_tls: TLSPG, tmp_path: Pa
             await conn.close()
 
 
-@pytest.mark.xfail(reason=CA_MESSAGE_BUG, strict=True)
 @pytest.mark.parametrize("case", list(CA_SECRET_PROBLEMS))
 async def test_unusable_ca_secret_error_names_the_ca(postgres_tls: TLSPG, tmp_path: Path, case: str) -> None:
     async with run_proxy(postgres_tls, tmp_path, tls={"mode": "verify-full", "caSecretRef": CA_REF},
@@ -280,9 +273,6 @@ async def test_ca_secret_ignored_by_require(postgres_tls_wrong_host: TLSPG, tmp_
 # --------------------------------------------------------------------------- plaintext before the handshake
 
 
-INJECTION_BUG = ("CVE-2021-23222 on the upstream side: bytes that follow the target's 'S' in the same "
-                 "read stay in the StreamReader buffer and are parsed after start_tls as if they came "
-                 "through TLS (the client side checks this, open_upstream does not)")
 
 
 @contextlib.asynccontextmanager
@@ -329,7 +319,6 @@ async def fake_tls_target(ca: TestCA, tmp_path: Path, seen: list[bytes]) -> Asyn
         await server.wait_closed()
 
 
-@pytest.mark.xfail(reason=INJECTION_BUG, strict=True)
 async def test_plaintext_injected_before_upstream_tls_is_refused(postgres: PG, tmp_path: Path,
                                                                  test_ca: TestCA) -> None:
     seen: list[bytes] = []
@@ -351,12 +340,8 @@ async def test_plaintext_injected_before_upstream_tls_is_refused(postgres: PG, t
 # --------------------------------------------------------------------------- a warning during login
 
 
-NOTICE_BUG = ("pgproxy.open_upstream tests isinstance(msg, ErrorResponse) before NoticeResponse, which "
-              "subclasses it: a WARNING the target sends during login (here PostgreSQL's collation "
-              "version warning) ends every session as 'the target refused the session'")
 
 
-@pytest.mark.xfail(reason=NOTICE_BUG, strict=True)
 async def test_login_warning_from_target_does_not_end_the_session(postgres_tls: TLSPG, tmp_path: Path) -> None:
     """PostgreSQL warns at every login to a database whose recorded collation version does not match."""
     if not postgres_tls.server.sql("SELECT 1 FROM pg_database WHERE datname = 'warned'").strip():

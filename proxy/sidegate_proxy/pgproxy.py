@@ -176,11 +176,15 @@ async def open_upstream(
     try:
         user = secrets.get(ref, "username").decode()
         password = secrets.get(ref, "password").decode()
-        tls = _upstream_tls(connection, secrets)
-    except (SecretMissing, UnicodeDecodeError, ssl.SSLError, ValueError) as exc:
+    except (SecretMissing, UnicodeDecodeError, ValueError) as exc:
         log.error("credentials for %s unusable: %s", connection.ref, exc)
         raise UpstreamError("sidegate: the gateway's credentials for the target are unavailable",
                             "secret") from None
+    try:
+        tls = _upstream_tls(connection, secrets)
+    except (SecretMissing, UnicodeDecodeError, ssl.SSLError, ValueError) as exc:
+        log.error("TLS CA (spec.target.tls.caSecretRef) for %s unusable: %s", connection.ref, exc)
+        raise UpstreamError("sidegate: the CA bundle for TLS with the target is unavailable", "secret") from None
     host, port = str(target.host), int(target.port or 5432)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), settings.connect_timeout)
@@ -193,6 +197,9 @@ async def open_upstream(
             answer = await asyncio.wait_for(reader.readexactly(1), settings.connect_timeout)
             if answer != b"S":
                 raise UpstreamError("sidegate: the target does not support TLS", "tls")
+            if getattr(reader, "_buffer", b""):  # CVE-2021-23222: plaintext injected before the handshake
+                raise UpstreamError("sidegate: TLS with the target failed: unencrypted data after its answer",
+                                    "tls")
             await asyncio.wait_for(
                 writer.start_tls(tls, server_hostname=host if tls.check_hostname else None),
                 settings.connect_timeout,
@@ -212,6 +219,8 @@ async def open_upstream(
                     out = login.feed(msg)
                     if out:
                         writer.write(out)
+                elif isinstance(msg, ParameterStatus | NoticeResponse):  # NoticeResponse is an ErrorResponse
+                    status.append(msg)
                 elif isinstance(msg, ErrorResponse):
                     if not login.done:
                         log.warning("upstream login for %s refused: %s %s", connection.ref, msg.sqlstate,
@@ -225,8 +234,6 @@ async def open_upstream(
                     if not login.done:
                         raise UpstreamError("sidegate: the target skipped authentication", "auth")
                     return Upstream(reader, writer, parser, key, status)
-                elif isinstance(msg, ParameterStatus | NoticeResponse):
-                    status.append(msg)
                 else:
                     raise _unexpected(msg)
             await writer.drain()
@@ -237,11 +244,15 @@ async def open_upstream(
     except ProtocolError as exc:
         writer.close()
         raise UpstreamError(f"sidegate: protocol error from the target: {exc}", "protocol") from None
-    except (OSError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+    except ssl.SSLError as exc:
+        writer.close()
+        log.warning("upstream %s:%s TLS failed: %r", host, port, exc)
+        why = ": its certificate is not trusted" if isinstance(exc, ssl.SSLCertVerificationError) else ""
+        raise UpstreamError(f"sidegate: TLS with the target failed{why}", "tls") from None
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
         writer.close()
         log.warning("upstream %s:%s failed during login: %r", host, port, exc)
-        kind = "tls" if isinstance(exc, ssl.SSLError) else "connect"
-        raise UpstreamError("sidegate: the target database is unreachable", kind) from None
+        raise UpstreamError("sidegate: the target database is unreachable", "connect") from None
     except BaseException:
         writer.close()
         raise
