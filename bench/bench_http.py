@@ -81,7 +81,7 @@ def run_upstream(port: int) -> None:
 
 def run_sidegate(port: int, upstream_port: int, jwks: str, ready: multiprocessing.queues.Queue[int]) -> None:
     from sidegate_proxy.config import build_config
-    from sidegate_proxy.runtime import ProxyRuntime, RuntimeOptions
+    from sidegate_proxy.runtime import ProxyRuntime, RuntimeOptions, run_event_loop
     from sidegate_proxy.secrets import DictSecretStore
 
     connection = {
@@ -145,7 +145,7 @@ def run_sidegate(port: int, upstream_port: int, jwks: str, ready: multiprocessin
         await runtime.close()
 
     try:
-        asyncio.run(main())
+        run_event_loop(main())  # as `sidegate proxy` runs
     finally:
         shutil.rmtree(spool, ignore_errors=True)
 
