@@ -260,7 +260,8 @@ class SpoolWriter:
         self.flush_interval = flush_interval
         self.durable_end = spool.end
         self._buffer: list[bytes] = []
-        self._batch_done: asyncio.Future[None] | None = None
+        self._batch_done: asyncio.Future[None] | None = None  # of the lines in ``_buffer``
+        self._committing: asyncio.Future[None] | None = None  # of the batch being written
         self._urgent = asyncio.Event()
         self._pending = asyncio.Event()
         self._durable_changed = asyncio.Event()
@@ -275,24 +276,38 @@ class SpoolWriter:
         once (someone is waiting), otherwise within ``flush_interval``."""
         if self._closing:
             raise SpoolError(0, "audit spool is closed")
-        if self._batch_done is None:
-            self._batch_done = asyncio.get_running_loop().create_future()
-            # Nobody may await it (emit_nowait): a write error is logged, not "never retrieved".
-            self._batch_done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        done = self._next_batch()
         self._buffer.append(line)
         self._pending.set()
         if urgent:
             self._urgent.set()
+        return done
+
+    def _next_batch(self) -> asyncio.Future[None]:
+        """The future of the lines in ``_buffer`` (made with the first of them)."""
+        if self._batch_done is None:
+            self._batch_done = asyncio.get_running_loop().create_future()
+            # Nobody may await it (emit_nowait): a write error is logged, not "never retrieved".
+            self._batch_done.add_done_callback(lambda f: f.cancelled() or f.exception())
         return self._batch_done
 
     async def flush(self) -> None:
+        """Wait until every line appended so far is durable: the buffered ones and the batch
+        being written right now (an ``emit_nowait`` whose commit already started)."""
+        waits = [f for f in (self._committing, self._batch_done) if f is not None]
         if self._batch_done is not None:
             self._urgent.set()
-            await asyncio.shield(self._batch_done)
+        for f in waits:
+            await asyncio.shield(f)
 
-    async def wait_durable_change(self) -> None:
-        """Sleep until more lines are durable."""
-        await self._durable_changed.wait()
+    async def wait_durable(self, seen: Cursor) -> None:
+        """Sleep until the durable end is past ``seen`` (at once if it already is).
+
+        A condition, not an edge: a commit that lands between the caller reading ``durable_end``
+        and this coroutine first running (a task starts a loop turn later) is not missed.
+        """
+        while self.durable_end <= seen:
+            await self._durable_changed.wait()
 
     async def _run(self) -> None:
         while True:
@@ -307,20 +322,24 @@ class SpoolWriter:
     async def _commit(self) -> None:
         self._pending.clear()
         self._urgent.clear()
-        batch, done = self._buffer, self._batch_done
-        self._buffer, self._batch_done = [], None
-        if not batch or done is None:
+        if not self._buffer:
             return
+        batch, done = self._buffer, self._next_batch()
+        self._buffer, self._batch_done = [], None
+        self._committing = done
         try:
             end = await asyncio.to_thread(self.spool.write, batch, self.fsync)
         except OSError as exc:
             log.error("audit spool write failed (%s); retrying with the next commit", exc)
             self._buffer[:0] = batch
+            self._next_batch()  # the retry is a batch like any other: flush() waits for it
             self._pending.set()
+            self._committing = None
             if not done.done():
                 done.set_exception(SpoolError(exc.errno or 0, f"audit spool write failed: {exc}"))
             await asyncio.sleep(self.flush_interval)
             return
+        self._committing = None
         self.durable_end = end
         if not done.done():
             done.set_result(None)
@@ -381,14 +400,15 @@ class Shipper:
 
     async def _run(self) -> None:
         while True:
-            lines, nxt = self.spool.read(self.cursor, self.writer.durable_end, self.batch_size)
+            durable = self.writer.durable_end
+            lines, nxt = self.spool.read(self.cursor, durable, self.batch_size)
             if not lines:
                 if nxt != self.cursor:
                     self.cursor = nxt
                     continue
                 if self._draining:
                     return
-                await self._idle()
+                await self._idle(durable)
                 continue
             if len(lines) < self.batch_size and self.batch_interval > 0 and not self._draining:
                 await self._wait(self.batch_interval)
@@ -415,9 +435,9 @@ class Shipper:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
-    async def _idle(self) -> None:
-        """Wait for newly durable lines or a drain request."""
-        durable = asyncio.ensure_future(self.writer.wait_durable_change())
+    async def _idle(self, seen: Cursor) -> None:
+        """Wait for lines durable past ``seen`` (what the last read was limited to) or a drain."""
+        durable = asyncio.ensure_future(self.writer.wait_durable(seen))
         wake = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait((durable, wake), return_when=asyncio.FIRST_COMPLETED)
