@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from pg_fixtures import MD5_PASSWORD, MD5_USER, PG, PW_PASSWORD, PW_USER, ProxyUnderTest, run_proxy
+from sidegate_proxy.pgproxy import ProxySettings
 
 pytestmark = pytest.mark.postgres
 
@@ -407,6 +408,21 @@ async def test_cancel_ends_an_approval_hold(postgres: PG, tmp_path: Path) -> Non
         await conn.execute("DELETE FROM tmp_import WHERE true")
     (event,) = [e for e in p.audit.commands() if e.command == "DELETE FROM tmp_import"]
     assert (event.decision, event.rule, event.sqlstate) == ("block", "client-cancel", "57014")
+
+
+async def test_idle_sessions_time_out_but_running_queries_do_not(postgres: PG, tmp_path: Path) -> None:
+    async with run_proxy(postgres, tmp_path, settings=ProxySettings(idle_timeout=0.5)) as p:
+        c = await asyncpg.connect(**p.kwargs())
+        assert await c.fetchval("SELECT 7 FROM pg_sleep(1.2)") == 7  # busy upstream, not idle
+        await asyncio.sleep(1.5)
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):  # closed by the proxy
+            await c.fetchval("SELECT 1")
+        await c.close(timeout=2)
+        for _ in range(100):
+            if any(e.kind == "session_end" for e in p.audit.events):
+                break
+            await asyncio.sleep(0.05)
+        assert any(e.kind == "session_end" for e in p.audit.events)
 
 
 async def _upstream_pid(pg: PG) -> int | None:

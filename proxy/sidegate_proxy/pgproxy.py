@@ -892,7 +892,7 @@ class Session:
     def _idle_check(self, idle: float) -> None:
         assert self._loop is not None
         quiet = self._loop.time() - self._last_client
-        if quiet >= idle and not self._busy[CLIENT]:
+        if quiet >= idle and not self._busy[CLIENT] and not self.pending:  # a running query is not idle
             self._end(TimeoutError())
         else:
             self._idle_handle = self._loop.call_later(max(idle - quiet, 0.05), self._idle_check, idle)
