@@ -47,6 +47,7 @@ sys.path[:0] = [str(ROOT / "proxy"), str(ROOT / "operator"), str(ROOT / "tests")
 from controlplane import ControlPlane, free_port  # noqa: E402
 from sidegate_operator.kube import ClusterAccess, Kube, KubeError, resource_path  # noqa: E402
 from sidegate_operator.webhook import WEBHOOK_ID, build_webhook_configuration  # noqa: E402
+from sidegate_proxy.localpg import stop_process  # noqa: E402
 from test_operator_k8s import (  # noqa: E402
     CONN_API,
     app_pod,
@@ -87,12 +88,7 @@ def operator_process(cp: ControlPlane, workdir: Path, port: int, cert: Path, key
         try:
             yield log_path
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 30)
 
 
 async def namespace(kube: Kube, prefix: str, hooked: bool) -> str:

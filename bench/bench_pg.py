@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "proxy"), str(ROOT / "operator")]
 
 from sidegate_proxy.demo import DEMO_MANIFESTS, LocalIssuer  # noqa: E402
-from sidegate_proxy.localpg import LocalPostgres, free_port, wait_port  # noqa: E402
+from sidegate_proxy.localpg import LocalPostgres, free_port, stop_process, wait_port  # noqa: E402
 
 PGBOUNCER = "/usr/sbin/pgbouncer"
 CLIENTS = (1, 8)
@@ -120,12 +120,7 @@ def sidegate(pg: LocalPostgres, issuer: LocalIssuer, workdir: Path) -> Iterator[
             raise RuntimeError(f"sidegate did not start: {(workdir / 'sidegate.log').read_text()}") from None
         yield port, proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
         log.close()
 
 
@@ -170,12 +165,7 @@ pidfile = {folder}/pgbouncer.pid
         pidfile = folder / "pgbouncer.pid"  # runuser's child, not proc
         yield port, int(pidfile.read_text().strip()) if pidfile.exists() else proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
 
 # --------------------------------------------------------------------------- load

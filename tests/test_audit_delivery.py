@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from loopback import serve
 from sidegate_proxy.audit import AuditLog, command_event
 from sidegate_proxy.auditverify import load_key, verify_lines
 from sidegate_proxy.config import AuditConfig, SecretKeyRef
@@ -164,13 +165,9 @@ async def test_webhook_rejects_are_retried_not_dropped(tmp_path: Path) -> None:
 
     app = web.Application()
     app.router.add_post("/", flaky)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, url = await serve(app)
     try:
-        sink = WebhookSink(f"http://127.0.0.1:{port}/", TOKEN, batch_size=50, batch_interval=0.0)
+        sink = WebhookSink(f"{url}/", TOKEN, batch_size=50, batch_interval=0.0)
         log = AuditLog(tmp_path / "spool", [sink], None, "pod-f", retry_initial=0.01, retry_max=0.05)
         await log.start()
         await log.emit(event(1))

@@ -18,18 +18,8 @@ from typing import Any
 
 import pytest
 
+from audit_sinks import MemorySink
 from sidegate_proxy.spool import Cursor, Shipper, Spool, SpoolWriter
-
-
-class MemorySink:
-    name = "memory"
-    batch_interval = 0.0
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    async def deliver(self, batch: list[dict[str, Any]]) -> None:
-        self.events.extend(batch)
 
 
 async def eventually(cond: Callable[[], bool], what: str) -> None:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
 from yarl import URL
 
+from audit_sinks import MemorySink
 from oidc_issuer import OIDCIssuer, loopback_tls
 from sidegate_proxy.admin import admin_app
 from sidegate_proxy.audit import AuditLog
@@ -156,17 +157,6 @@ def raw(body: bytes, content_type: str, **headers: str) -> Responder:
 
 
 # --------------------------------------------------------------------------- the gateway
-
-
-class MemorySink:
-    name = "memory"
-    batch_interval = 0.0
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    async def deliver(self, batch: list[dict[str, Any]]) -> None:
-        self.events.extend(batch)
 
 
 def connection(url: str, issuer: OIDCIssuer, name: str = "billing-api", **spec: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import json
 import pytest
 from aiohttp import web
 
+from loopback import serve
 from oidc_issuer import OIDCIssuer, loopback_tls
 from sidegate_proxy.jwks import (
     DiscoveryJWKS,
@@ -27,15 +28,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
 
 
 def test_max_age_is_clamped() -> None:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from loopback import serve
 from sidegate_proxy.kube import (
     ACCESS_REQUESTS,
     EVENTS,
@@ -186,16 +187,12 @@ async def test_token_file_is_reread_after_rotation(tmp_path: Path) -> None:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, url = await serve(app)
     token = tmp_path / "token"
     token.write_text("first")
     now = [0.0]
     try:
-        cfg = KubeConfig(server=f"http://127.0.0.1:{port}", token_file=str(token))
+        cfg = KubeConfig(server=url, token_file=str(token))
         async with KubeClient(cfg, clock=lambda: now[0]) as kube:
             await kube.get(ACCESS_REQUESTS, "ns", "x")
             token.write_text("second")
@@ -234,13 +231,9 @@ async def test_watch_relists_after_gone() -> None:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, url = await serve(app)
     try:
-        async with KubeClient(KubeConfig(server=f"http://127.0.0.1:{port}")) as kube:
+        async with KubeClient(KubeConfig(server=url)) as kube:
             events = []
             async for ev in kube.watch(ACCESS_REQUESTS, "ns", resource_version="5"):
                 events.append((ev.type, ev.object["metadata"]["resourceVersion"]))

@@ -26,6 +26,7 @@ from sidegate_operator.build import CONFIG_HASH_ANNOTATION, CONFIG_KEY
 from sidegate_operator.kube import ClusterAccess, Kube, KubeError, resource_path
 from sidegate_operator.main import BackgroundOperator, OperatorOptions
 from sidegate_operator.webhook import WEBHOOK_ID, build_webhook_configuration
+from sidegate_proxy.demo import LocalIssuer
 
 pytestmark = pytest.mark.k8s
 
@@ -465,19 +466,9 @@ async def test_restarted_operator_changes_nothing(kube: Kube, ns: str, harness: 
 # --------------------------------------------------------------------------- end to end
 
 
-async def test_rendered_config_enforces_policy_against_real_postgres(
-    kube: Kube, ns: str, postgres: Any, tmp_path: Path
-) -> None:
-    """What the operator renders, run by ``sidegate proxy --config`` with the Secrets laid out as
-    the kubelet mounts them, masks and blocks against a real PostgreSQL."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from sidegate_proxy.demo import LocalIssuer
-    from sidegate_proxy.localpg import find_pg_bin, wait_port
-
+async def apply_pg_connection(kube: Kube, ns: str, postgres: Any, **spec: Any) -> LocalIssuer:
+    """The ``pg`` Connection of the end-to-end tests (gateway credentials, a local issuer's JWKS,
+    the ``pii`` MaskingPolicy) with ``spec`` added; returns the issuer that mints callers' tokens."""
     issuer = LocalIssuer()
     await kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pg-admin", "namespace": ns},
                       "stringData": {"username": postgres.admin_user, "password": postgres.admin_password}})
@@ -490,8 +481,25 @@ async def test_rendered_config_enforces_policy_against_real_postgres(
         credentials={"secretRef": {"name": "pg-admin"}},
         identity={"issuers": [{"name": "demo", "issuer": "https://issuer.demo.sidegate.local",
                                "audiences": ["sidegate"], "jwksSecretRef": {"name": "ci-jwks", "key": "jwks.json"}}]},
-        guardrails=[{"name": "no-drop", "sql": {"statements": ["drop"]}, "action": "block"}],
+        **spec,
     ))
+    return issuer
+
+
+async def test_rendered_config_enforces_policy_against_real_postgres(
+    kube: Kube, ns: str, postgres: Any, tmp_path: Path
+) -> None:
+    """What the operator renders, run by ``sidegate proxy --config`` with the Secrets laid out as
+    the kubelet mounts them, masks and blocks against a real PostgreSQL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from sidegate_proxy.localpg import find_pg_bin, wait_port
+
+    issuer = await apply_pg_connection(
+        kube, ns, postgres, guardrails=[{"name": "no-drop", "sql": {"statements": ["drop"]}, "action": "block"}])
     await wait_ready(kube, ns, "pg")
     secret = await kube.get(resource_path("v1", "Secret", ns, "pg-sidegate-config"))
     assert secret is not None
@@ -601,25 +609,12 @@ async def test_exchanged_token_works_on_the_gateway_the_operator_renders(
     import jwt
 
     from sidegate_operator.build import AUDIT_DIR, CONFIG_DIR, SECRETS_DIR
-    from sidegate_proxy.demo import LocalIssuer
     from sidegate_proxy.localpg import find_pg_bin, wait_port
     from sidegate_proxy.tokenexchange import GRANT_TYPE, TOKEN_TYPE_JWT
 
-    issuer = LocalIssuer()
-    await kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pg-admin", "namespace": ns},
-                      "stringData": {"username": postgres.admin_user, "password": postgres.admin_password}})
-    await kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ci-jwks", "namespace": ns},
-                      "stringData": {"jwks.json": issuer.jwks().decode()}})
     await kube.apply(signing_key_secret(ns, "pg-exchange"))
-    await kube.apply(masking(ns, "pii", "pg"))
-    await kube.apply(connection(
-        ns, "pg",
-        target={"host": postgres.host, "port": postgres.port, "database": postgres.database},
-        credentials={"secretRef": {"name": "pg-admin"}},
-        identity={"issuers": [{"name": "demo", "issuer": "https://issuer.demo.sidegate.local",
-                               "audiences": ["sidegate"], "jwksSecretRef": {"name": "ci-jwks", "key": "jwks.json"}}]},
-        tokenExchange={"signingKeySecretRef": {"name": "pg-exchange"}},
-    ))
+    issuer = await apply_pg_connection(
+        kube, ns, postgres, tokenExchange={"signingKeySecretRef": {"name": "pg-exchange"}})
     await wait_ready(kube, ns, "pg")
     secret = await kube.get(resource_path("v1", "Secret", ns, "pg-sidegate-config"))
     dep = await kube.get(resource_path("apps/v1", "Deployment", ns, "pg-sidegate"))

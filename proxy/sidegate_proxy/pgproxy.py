@@ -481,8 +481,8 @@ class Session:
         # per-session hot-path caches: metric children (``labels`` is a locked dict lookup per
         # call) and masking plans of result sets whose every column origin is known
         self._metric_children: dict[tuple[str, ...], Any] = {}
-        self._plans: dict[tuple[ColumnOrigin, ...], ColumnPlan | None] = {}
-        self._plans_by_row: dict[bytes, tuple[ColumnPlan | None, int, float]] = {}
+        # masking plans by RowDescription bytes, with the catalog epoch and expiry they hold for
+        self._plans: dict[bytes, tuple[ColumnPlan | None, int, float]] = {}
         self._target_str: str | None = None
         # finished statements, audited once the server loop has written their responses
         self._completed: list[tuple[str, Decision, str | None, dict[str, int], int | None, str | None, float]] = []
@@ -1050,7 +1050,7 @@ class Session:
         )
         await self.server.audit.emit(event)
         if self.server.metrics:
-            self.server.metrics.commands.labels(self.connection.name, PROTOCOL, decision.action).inc()
+            self._metric("commands", decision.action).inc()
 
     def _track_prepared(self, verdict: SQLVerdict) -> None:
         for st in verdict.statements:
@@ -1163,7 +1163,7 @@ class Session:
         if catalog is not None:
             # a prepared statement's RowDescription recurs byte for byte: its plan holds while
             # the catalog answers it came from do
-            hit = self._plans_by_row.get(desc.raw)
+            hit = self._plans.get(desc.raw)
             if hit is not None and hit[1] == catalog.epoch and catalog.clock() < hit[2]:
                 return hit[0]
         fields = desc.fields
@@ -1191,13 +1191,8 @@ class Session:
             for f, o in zip(fields, origins, strict=True)
         ]
         reads: Any = None
-        known = all(c.known for c in columns)
-        if known:
-            # a pure function of the columns (origins included, so fresh catalog answers key it)
-            key = tuple(columns)
-            if key in self._plans:
-                return self._plans[key]
-        else:
+        known = all(c.known for c in columns)  # only with a catalog: then the plan is the columns'
+        if not known:
             tables = set(verdict.tables) if verdict is not None else set()
             reads_cols: set[str] = set()
             for st in verdict.statements if verdict is not None else ():
@@ -1212,14 +1207,10 @@ class Session:
                 reads = True  # nothing known about the statement: fail closed
         plan = masker.plan_columns(columns, query_reads_masked=reads)
         result = plan if plan.active else None
-        if known:
+        if known and catalog is not None:
             if len(self._plans) >= MAX_PLANS_PER_SESSION:
                 self._plans.clear()
-                self._plans_by_row.clear()
-            self._plans[key] = result
-            if catalog is not None:
-                until = catalog.valid_until(o for o, _ in pairs)
-                self._plans_by_row[desc.raw] = (result, catalog.epoch, until)
+            self._plans[desc.raw] = (result, catalog.epoch, catalog.valid_until(o for o, _ in pairs))
         return result
 
     async def _on_query_response(self, p: _Pending, msg: Message) -> None:

@@ -693,8 +693,13 @@ class _Parser:
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        out: list[Message] = []
         if self._untyped():
-            return self._feed_untyped(data)
+            self._buf += data
+            data = b""
+            out = self._feed_startup()
+            if self._untyped():
+                return out
         # Typed frames, the hot path: a chunk is usually whole messages, so parse straight from
         # it and keep only a trailing partial frame.
         if self._buf:
@@ -702,7 +707,6 @@ class _Parser:
             buf = bytes(self._buf)
         else:
             buf = data if isinstance(data, bytes) else bytes(data)
-        out: list[Message] = []
         append = out.append
         header = _HEADER.unpack_from
         decode = self._decode
@@ -722,31 +726,18 @@ class _Parser:
             self._buf = bytearray(buf[pos:]) if pos < n else bytearray()
         return out
 
-    def _feed_untyped(self, data: bytes | bytearray | memoryview) -> list[Message]:
-        """Startup phase: untyped frames first, typed ones once the parser switches over."""
-        self._buf += data
+    def _feed_startup(self) -> list[Message]:
+        """Untyped startup frames from the buffer, until the parser switches to typed ones."""
         out: list[Message] = []
         buf = self._buf
         pos, n = 0, len(buf)
         try:
-            while True:
-                if self._untyped():
-                    msg, size = self._startup(buf, pos, n)
-                    if msg is None:
-                        break
-                    out.append(msg)
-                    pos += size
-                    continue
-                if n - pos < 5:
+            while self._untyped():
+                msg, size = self._startup(buf, pos, n)
+                if msg is None:
                     break
-                kind, length = _HEADER.unpack_from(buf, pos)
-                if length < 4 or length > self.max_length:
-                    raise ProtocolError(f"invalid length {length} for message type {kind!r}")
-                if n - pos < length + 1:
-                    break
-                raw = bytes(buf[pos : pos + length + 1])
-                pos += length + 1
-                out.append(self._decode(kind, raw))
+                out.append(msg)
+                pos += size
         finally:
             del buf[:pos]
         return out
