@@ -8,12 +8,14 @@ of a DO block) counts as if written at the top. What cannot be understood is ``u
 the built-in guardrails block: the classifier fails closed, never open.
 
 The JSON entry point is called directly (parse + ``json.loads`` is ~30 us) and results are cached
-per exact text, since drivers and ORMs send the same statements over and over.
+per exact text, since drivers and ORMs send the same statements over and over; a SELECT that only
+differs in numeric literals from one already seen reuses its classification (``_literal_key``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -1027,11 +1029,127 @@ def _classify(sql: str, depth: int = 0) -> Classified:
     return Classified(text=sql, statements=tuple(statements))
 
 
-_classify_cached = lru_cache(maxsize=_CACHE_SIZE)(_classify)
+# ------------------------------------------------------------- numeric literals: one parse per shape
+#
+# Drivers that inline their parameters (psycopg2, pgbench -M simple) send ``... WHERE aid = 48213``
+# with a new number each time, which the exact-text cache never sees twice. ``_literal_key``
+# rewrites such a text to its canonical form (``... WHERE aid = 0``), and the canonical text is
+# classified once in its place. That is sound because of what is rewritten, and nothing else is:
+#
+# * The text is ASCII and starts (after whitespace) with the keyword SELECT. Outside quoted tokens
+#   it has no ``$`` (dollar quotes, parameters), no comment opener (``--``, ``/*``), no ``;`` but a
+#   trailing one. Every quote opens a well-formed '...' or "..." token (doubled quotes inside) that
+#   holds no backslash (escape strings) and no NUL: skipped whole, nothing in it is ever rewritten.
+#   Anything else (an unbalanced quote, a backslash anywhere) gives up. So the scan sees the tokens
+#   PostgreSQL's lexer sees.
+# * Only an unsigned decimal number (``123``, ``1.5``) that is a token of its own (ASCII whitespace,
+#   ``)``, ``,``, ``;`` or the end after it) right after a comparison operator (``=``, ``<``, ``>``,
+#   ``<=``, ``>=``, ``<>``, ``!=``, not the end of a longer operator) or as an element of an
+#   ``IN (...)`` list of such numbers. The grammar makes each an operand: an ``A_Const`` leaf,
+#   which the walk never looks into (no EXPLAIN option, DO or function body can be reached from a
+#   plain SELECT, and those read only strings anyway). An integer becomes ``0`` and a decimal
+#   ``0.0`` (the same kind of token), so the canonical text has the same parse tree but for
+#   constant values and locations.
+#
+# Hence a text and its canonical form classify alike but for the texts recorded, which a hit
+# rebuilds from the text at hand. The canonical result is only used when it is a single
+# understood SELECT without error whose text is the canonical text stripped as ``_classify``
+# strips it; for anything else the text takes the exact path.
+
+_WS = r"[ \t\n\r\f]"  # what PostgreSQL's lexer skips as whitespace (ASCII)
+_NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+_NOT_OP = r"[^-+*/<>=~!@#%^&|`?]"  # a character that cannot end an operator
+_LITERAL_TOKENS = re.compile(
+    # every alternative starts with one of these characters: the scan skips the others fast
+    r"""[<>=!Ii'"$\\\x00;/-](?:"""
+    # a quoted token, skipped whole
+    r"""(?<=')[^'\\\x00]*(?:''[^'\\\x00]*)*'|(?<=")[^"\\\x00]*(?:""[^"\\\x00]*)*\""""
+    # a number right after a comparison operator
+    rf"|(?:(?<={_NOT_OP}<)[=>]?|(?<={_NOT_OP}>)=?|(?<={_NOT_OP}=)|(?<={_NOT_OP}!)=)"
+    rf"{_WS}*(?P<num>{_NUMBER})(?={_WS}|[),;]|\Z)"
+    # an IN list of numbers only, IN a word of its own
+    rf"|(?<=[^0-9A-Za-z_$.][Ii])[Nn]{_WS}*\((?P<list>{_WS}*{_NUMBER}(?:{_WS}*,{_WS}*{_NUMBER})*{_WS}*)\)"
+    # anything else that is not understood: give up
+    rf"""|(?:(?<=['"$\\\x00])|(?<=-)-|(?<=/)\*|(?<=;)(?!{_WS}*\Z))(?P<stop>)"""
+    ")"
+)
+_LITERAL_START = re.compile(rf"{_WS}*[Ss][Ee][Ll][Ee][Cc][Tt]{_WS}")
+_LIST_NUMBER = re.compile(_NUMBER)
+
+
+class _NoKey(Exception):
+    pass
+
+
+def _zero(number: str) -> str:
+    return "0.0" if "." in number else "0"
+
+
+def _canonical_token(m: re.Match[str]) -> str:
+    kind = m.lastgroup
+    if kind is None:  # a quoted token, or a lone - / ; / ... that starts nothing
+        return m.group()
+    if kind == "num":  # the number ends the match
+        text, number = m.group(0, "num")
+        return text[: -len(number)] + ("0.0" if "." in number else "0")
+    if kind == "list":
+        return _LIST_NUMBER.sub(lambda n: _zero(n.group()), m.group())
+    raise _NoKey
+
+
+def _literal_key(sql: str) -> str | None:
+    """``sql`` with its rewritable numbers set to zero (see above), or None: take the exact path."""
+    if not sql.isascii() or _LITERAL_START.match(sql) is None:
+        return None
+    try:
+        key = _LITERAL_TOKENS.sub(_canonical_token, sql)
+    except _NoKey:
+        return None
+    return None if key == sql else key
+
+
+def _statement_text(sql: str) -> str:
+    """What ``_classify`` records as the text of ``sql``'s only statement."""
+    text = sql.strip()
+    return text[:-1].rstrip() if text.endswith(";") else text
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _canonical(key: str) -> StatementInfo | None:
+    """The one statement of a canonical text, or None when it is anything else."""
+    classified = _classify(key)
+    if classified.error is not None or len(classified.statements) != 1:
+        return None
+    info = classified.statements[0]
+    if info.text != _statement_text(key) or "select" not in info.commands or "unknown" in info.groups:
+        return None
+    return info
+
+
+def _with_text(info: StatementInfo, text: str) -> StatementInfo:
+    """``dataclasses.replace(info, text=text)``, without its cost (~4 us: it runs the frozen
+    ``__init__``); the other fields are immutable values, shared (``reads`` depends on names only)."""
+    new = object.__new__(StatementInfo)
+    fields = new.__dict__
+    fields.update(info.__dict__)
+    fields["text"] = text
+    return new
+
+
+def _classify_text(sql: str) -> Classified:
+    key = _literal_key(sql)
+    info = _canonical(key) if key is not None else None
+    if info is None:
+        return _classify(sql)
+    return Classified(text=sql, statements=(_with_text(info, _statement_text(sql)),))
+
+
+_classify_cached = lru_cache(maxsize=_CACHE_SIZE)(_classify_text)
 
 
 def classify(sql: str) -> Classified:
-    """Classify a query string (cached per exact text). Never raises: failures are ``unknown``."""
+    """Classify a query string (cached per exact text, then per shape: see ``_literal_key``).
+    Never raises: failures are ``unknown``."""
     if len(sql) > _CACHE_MAX_TEXT:
         return _classify(sql)
     return _classify_cached(sql)
