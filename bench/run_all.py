@@ -103,9 +103,11 @@ def _http_md(data: dict[str, Any]) -> list[str]:
 
 def _pg_md(data: dict[str, Any]) -> list[str]:
     out = [
-        f"`pgbench -S -n -j 1`, scale {data['scale']}, {data['duration_s']} s per run, 1 and 8 clients, "
-        "simple protocol and `-M prepared`. Latency average from pgbench; p50/p99 from its "
-        "per-transaction logs (`-l`). Added latency = average latency minus direct's at the same point.",
+        f"`pgbench -S -n -j 1`, scale {data['scale']}, {data.get('rounds', 1)} round(s) of {data['duration_s']} s "
+        "per point, 1 and 8 clients, simple protocol and `-M prepared`. Latency average from pgbench; "
+        "p50/p99 from its per-transaction logs (`-l`). Added latency = average latency minus direct's at "
+        "the same point of the same round; each row is the point's median round, and the TPS ratio's "
+        "range over all rounds follows it.",
         "",
         "| target | protocol | clients | TPS | avg ms | p50 ms | p99 ms | added ms/query | TPS / direct "
         "| proxy CPU µs/query | failed |",
@@ -113,7 +115,7 @@ def _pg_md(data: dict[str, Any]) -> list[str]:
     ]
     for r in data["results"]:
         out.append(f"| {r['target']} | {r['mode']} | {r['clients']} | {r['tps']:.0f} | {r['latency_avg_ms']:.3f} | "
-                   f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['added_ms']:+.3f} | {r['tps_ratio']:.2f} | "
+                   f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['added_ms']:+.3f} | {bench_pg.ratio_text(r)} | "
                    f"{bench_pg._cpu(r)} | {r['failed']} |")
     out += ["", *[f"- {n}" for n in data["notes"]]]
     out += ["- " + ", ".join(f"{k}: {v}" for k, v in data["versions"].items())]
