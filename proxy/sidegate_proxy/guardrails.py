@@ -402,6 +402,7 @@ class _HTTPRule:
 # --------------------------------------------------------------------------- the guard
 
 _MAX_CACHED_PATH = 1024  # longer request paths are judged without the cache
+_MATCHING_CACHE = 4096  # statement shapes whose matching rules a Guard remembers
 
 
 @dataclass(frozen=True)
@@ -434,16 +435,26 @@ class Guard:
         self._http = tuple(_HTTPRule.compile(r, p) for r, p in rules if r.http is not None)
         self._builtin_sql = tuple(_SQLRule.compile(r, r.name) for r in BUILTIN_GUARDRAILS if r.sql)
         self._builtin_http = tuple(_HTTPRule.compile(r, r.name) for r in BUILTIN_GUARDRAILS if r.http)
-        # which rules match a statement does not depend on the caller: cache it per statement
-        self._matching = lru_cache(maxsize=4096)(self._compute_matching)
+        # which rules match a statement depends on neither the caller nor the statement's text
+        # (``_SQLRule.matches``): cached per (commands, groups, tables, functions, bulk writes), so
+        # statements that differ only in their constants share an entry
+        self._matching: dict[tuple[frozenset[str], ...], tuple[tuple[_SQLRule, ...], tuple[_SQLRule, ...]]] = {}
         # nor which rules match a request's method and path (two calls per request, same answer)
         self._targets = lru_cache(maxsize=4096)(self._compute_target)
 
-    def _compute_matching(self, st: StatementInfo) -> tuple[tuple[_SQLRule, ...], tuple[_SQLRule, ...]]:
-        return (
-            tuple(r for r in self._sql if r.matches(st)),
-            tuple(b for b in self._builtin_sql if b.matches(st)),
-        )
+    def _rules_matching(self, st: StatementInfo) -> tuple[tuple[_SQLRule, ...], tuple[_SQLRule, ...]]:
+        """The Connection's rules and the built-in ones that match ``st``, in order."""
+        key = (st.commands, st.groups, st.tables, st.functions, st.writes_without_where)
+        hit = self._matching.get(key)
+        if hit is None:
+            hit = (
+                tuple(r for r in self._sql if r.matches(st)),
+                tuple(b for b in self._builtin_sql if b.matches(st)),
+            )
+            if len(self._matching) >= _MATCHING_CACHE:
+                del self._matching[next(iter(self._matching))]
+            self._matching[key] = hit
+        return hit
 
     # ------------------------------------------------------------------ SQL
 
@@ -474,7 +485,7 @@ class Guard:
 
     def decide_statement(self, caller: Caller, st: StatementInfo) -> Decision:
         """One statement: the Connection's rules in order, then the built-in ones."""
-        user, builtins = self._matching(st)
+        user, builtins = self._rules_matching(st)
         chosen = next((r for r in user if rule_applies(r.rule.who, caller)), None)
         if chosen is not None and chosen.rule.action != "allow":
             return _decision(chosen.rule, chosen.describe(st))
