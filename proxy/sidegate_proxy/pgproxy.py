@@ -373,6 +373,9 @@ class _Pending:
 
 CLIENT: Final = 0
 SERVER: Final = 1
+_NO_PLAN: Final = (None, 0, 0.0)  # ``Session._known_plan`` without a masker: nothing to mask
+# a message handled synchronously (None) or the coroutine that finishes handling it
+_Handler = Coroutine[Any, Any, None] | None
 
 
 class _RelayProtocol(asyncio.Protocol):
@@ -790,6 +793,8 @@ class Session:
                 self._client_gone()
                 return
             coro = self._on_frontend(msg, msgs[i + 1] if i + 1 < n else None)
+            if coro is None:
+                continue
             try:
                 waiting = coro.send(None)
             except StopIteration:
@@ -802,6 +807,8 @@ class Session:
         try:
             for i in range(start, len(msgs)):
                 coro = self._on_backend(msgs[i])
+                if coro is None:
+                    continue
                 try:
                     waiting = coro.send(None)
                 except StopIteration:
@@ -907,16 +914,18 @@ class Session:
         """Hand both gathered streams to their transports (in order, each as one write)."""
         if self._to_upstream:
             assert self.upstream is not None
-            self.upstream.writer.write(b"".join(self._to_upstream))
+            self.upstream.writer.transport.write(b"".join(self._to_upstream))
             self._to_upstream.clear()
         if self._to_client:
-            self.writer.write(b"".join(self._to_client))
+            self.writer.transport.write(b"".join(self._to_client))
             self._to_client.clear()
 
-    async def _on_frontend(self, msg: Message, following: Message | None = None) -> None:
+    def _on_frontend(self, msg: Message, following: Message | None = None) -> _Handler:
+        """Handled here, or the coroutine that decides (Query, Parse: the guardrails may wait
+        for an approval, a catalog lookup, a durable audit record)."""
         # exact types, most frequent first: one comparison per message on the hot path
         if self.skip_until_sync and type(msg) is not Sync:
-            return  # discarded, like the server does after an error in an extended-protocol batch
+            return None  # discarded, like the server does after an error in an extended-protocol batch
         if type(msg) is Bind:
             described = (type(following) is Describe and following.kind == "P"
                          and following.name == msg.portal)
@@ -931,20 +940,24 @@ class Session:
             self._send(msg.raw, _Pending("describe", describe_portal=msg.name if msg.kind == "P" else None,
                                          portal=portal if portal is not None and portal.plan_on_describe else None))
         elif type(msg) is Query:
-            await self._on_query(msg)
+            return self._on_query(msg)
         elif type(msg) is Parse:
-            await self._on_parse(msg)
+            return self._on_parse(msg)
         elif type(msg) is Close:
             (self.statements if msg.kind == "S" else self.portals).pop(msg.name, None)
             self._send(msg.raw, _Pending("close"))
         elif type(msg) is Flush or type(msg) is CopyData or type(msg) is CopyDone or type(msg) is CopyFail:
             self._send(msg.raw)
         elif type(msg) is FunctionCall:
-            decision = Decision("block", "builtin-fastpath", "fast-path function calls are not allowed")
-            await self._audit_blocked("<fast-path function call>", decision, None)
-            self._send(pgwire.query(POISON_SQL), _Pending("query", replace_error=self._block_error(decision)))
+            return self._on_function_call()
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} message")
+        return None
+
+    async def _on_function_call(self) -> None:
+        decision = Decision("block", "builtin-fastpath", "fast-path function calls are not allowed")
+        await self._audit_blocked("<fast-path function call>", decision, None)
+        self._send(pgwire.query(POISON_SQL), _Pending("query", replace_error=self._block_error(decision)))
 
     # ---- decisions
 
@@ -1103,23 +1116,25 @@ class Session:
     def _write(self, data: bytes) -> None:
         self._to_client.append(data)
 
-    async def _on_backend(self, msg: Message) -> None:
+    def _on_backend(self, msg: Message) -> _Handler:
+        """Handled here, or the coroutine that finishes it (a result shape whose masking plan
+        needs the catalog)."""
         if type(msg) is DataRow:  # the hot path first
             p = self.pending[0] if self.pending else None
             plan = None if p is None else p.plan if p.kind == "query" else p.portal.plan if p.portal else None
             self._to_client.append(msg.raw if plan is None else self._mask_row(plan, msg, p))
-            return
+            return None
         if type(msg) is ReadyForQuery and self.pending and self.pending[0].kind == "sync":
             self._to_client.append(msg.raw)
             self.pending.popleft()
-            return
+            return None
         if isinstance(msg, NoticeResponse | NotificationResponse):
             self._write(msg.raw)
-            return
+            return None
         if isinstance(msg, ParameterStatus):
             self._check_parameter(msg)
             self._write(msg.raw)
-            return
+            return None
         if not self.pending:
             if isinstance(msg, ErrorResponse):  # e.g. FATAL admin shutdown
                 self._write(msg.raw)
@@ -1127,13 +1142,24 @@ class Session:
             raise _unexpected(msg)
         p = self.pending[0]
         if isinstance(msg, ErrorResponse):
-            await self._on_error(p, msg)
+            self._on_error(p, msg)
         elif p.kind == "query":
-            await self._on_query_response(p, msg)
+            if type(msg) is not RowDescription:
+                self._on_query_response(p, msg)
+            elif (known := self._known_plan(msg)) is not None:
+                p.plan = known[0]
+                self._write(msg.raw)
+            else:
+                return self._plan_query(p, msg)
         elif p.kind == "execute":
             self._on_execute_response(p, msg)
         elif p.kind in ("describe", "inject"):
-            await self._on_describe_response(p, msg)
+            if type(msg) is not RowDescription or p.portal is None:
+                self._on_describe_response(p, msg, None)
+            elif (known := self._known_plan(msg)) is not None:
+                self._on_describe_response(p, msg, known[0])
+            else:
+                return self._plan_describe(p, msg)
         else:
             expected = {"parse": pgwire.ParseComplete, "bind": pgwire.BindComplete,
                         "close": pgwire.CloseComplete, "sync": ReadyForQuery}[p.kind]
@@ -1141,6 +1167,7 @@ class Session:
                 raise _unexpected(msg)
             self._write(msg.raw)
             self.pending.popleft()
+        return None
 
     def _mask_row(self, plan: ColumnPlan, msg: DataRow, p: _Pending | None) -> bytes:
         try:
@@ -1153,6 +1180,19 @@ class Session:
                 p.masked[rule] = p.masked.get(rule, 0) + n
         return pgwire.data_row(values)
 
+    def _known_plan(self, desc: RowDescription) -> tuple[ColumnPlan | None, int, float] | None:
+        """The cached ``(plan, ...)`` of a result shape seen before (None: ask ``_plan``): a
+        prepared statement's RowDescription recurs byte for byte, its plan holds while the
+        catalog answers it came from do."""
+        if self.masker is None:
+            return _NO_PLAN
+        catalog = self.policy.catalog
+        if catalog is not None:
+            hit = self._plans.get(desc.raw)
+            if hit is not None and hit[1] == catalog.epoch and catalog.clock() < hit[2]:
+                return hit
+        return None
+
     async def _plan(self, desc: RowDescription, verdict: SQLVerdict | None) -> ColumnPlan | None:
         """The masking plan of one result set: origins from the catalog, fail closed for unknown
         columns when the statement reads a masked column."""
@@ -1160,12 +1200,6 @@ class Session:
         if masker is None:
             return None
         catalog = self.policy.catalog
-        if catalog is not None:
-            # a prepared statement's RowDescription recurs byte for byte: its plan holds while
-            # the catalog answers it came from do
-            hit = self._plans.get(desc.raw)
-            if hit is not None and hit[1] == catalog.epoch and catalog.clock() < hit[2]:
-                return hit[0]
         fields = desc.fields
         pairs = [(f.table_oid, f.attnum) for f in fields]
         origins: list[Origin]
@@ -1213,11 +1247,12 @@ class Session:
             self._plans[desc.raw] = (result, catalog.epoch, catalog.valid_until(o for o, _ in pairs))
         return result
 
-    async def _on_query_response(self, p: _Pending, msg: Message) -> None:
-        if isinstance(msg, RowDescription):
-            p.plan = await self._plan(msg, p.verdict)
-            self._write(msg.raw)
-        elif isinstance(msg, CommandComplete | EmptyQueryResponse):
+    async def _plan_query(self, p: _Pending, msg: RowDescription) -> None:
+        p.plan = await self._plan(msg, p.verdict)
+        self._write(msg.raw)
+
+    def _on_query_response(self, p: _Pending, msg: Message) -> None:
+        if isinstance(msg, CommandComplete | EmptyQueryResponse):
             self._write(msg.raw)
             self._statement_done(p, msg.rows if isinstance(msg, CommandComplete) else None, None)
         elif isinstance(msg, CopyResponse):
@@ -1305,24 +1340,29 @@ class Session:
             return
         self._audit_command(st.sql, st.decision, _command_class(st.verdict), p, rows, sqlstate)
 
-    async def _on_describe_response(self, p: _Pending, msg: Message) -> None:
+    async def _plan_describe(self, p: _Pending, msg: RowDescription) -> None:
+        """An injected Describe, or the client's own right after Bind: the portal's plan."""
+        assert p.portal is not None
+        verdict = p.portal.statement.verdict if p.portal.statement else None
+        self._on_describe_response(p, msg, await self._plan(msg, verdict))
+
+    def _on_describe_response(self, p: _Pending, msg: Message, plan: ColumnPlan | None) -> None:
+        """``plan``: the portal's, when ``msg`` is its RowDescription."""
         inject = p.kind == "inject"
         if isinstance(msg, ParameterDescription):
             if not inject:
                 self._write(msg.raw)
             return
         if isinstance(msg, RowDescription):
-            portal = p.portal
-            if portal is not None:  # an injected Describe, or the client's own right after Bind
-                verdict = portal.statement.verdict if portal.statement else None
-                portal.plan = await self._plan(msg, verdict)
+            if p.portal is not None:
+                p.portal.plan = plan
         elif not isinstance(msg, NoData):
             raise _unexpected(msg)
         if not inject:
             self._write(msg.raw)
         self.pending.popleft()
 
-    async def _on_error(self, p: _Pending, msg: ErrorResponse) -> None:
+    def _on_error(self, p: _Pending, msg: ErrorResponse) -> None:
         self._write(p.replace_error if p.replace_error is not None else msg.raw)
         if msg.severity in ("FATAL", "PANIC"):
             raise _Closed
