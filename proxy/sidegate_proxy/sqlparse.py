@@ -1091,7 +1091,7 @@ def _canonical_token(m: re.Match[str]) -> str:
         return m.group()
     if kind == "num":  # the number ends the match
         text, number = m.group(0, "num")
-        return text[: -len(number)] + ("0.0" if "." in number else "0")
+        return text[: -len(number)] + _zero(number)
     if kind == "list":
         return _LIST_NUMBER.sub(lambda n: _zero(n.group()), m.group())
     raise _NoKey
