@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sidegate_proxy.demo import LocalIssuer
@@ -75,14 +77,16 @@ def _psql(port: int, token: str, sql: str) -> subprocess.CompletedProcess[str]:
                            "-d", "app", "-c", sql], capture_output=True, text=True, env=env, timeout=60, check=False)
 
 
-def test_proxy_from_manifests_folder(postgres, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("worker", [False, True], ids=["audit-inline", "audit-worker"])
+def test_proxy_from_manifests_folder(postgres, tmp_path: Path, worker: bool) -> None:  # type: ignore[no-untyped-def]
     issuer = LocalIssuer()
     folder = _manifests(tmp_path, postgres.port, postgres.admin_user, postgres.admin_password, issuer)
     port, admin = free_port(), free_port()
     audit_dir = tmp_path / "audit"
     proc = subprocess.Popen(
         [*SIDEGATE, "proxy", "--manifests", str(folder), "--connection", "orders-db",
-         "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--audit-dir", str(audit_dir)],
+         "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--audit-dir", str(audit_dir),
+         *(["--audit-worker"] if worker else [])],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -140,6 +144,41 @@ def test_proxy_from_manifests_needs_the_token_signing_key_it_names(tmp_path: Pat
     result = run(["proxy", "--manifests", str(tmp_path), "--connection", "orders", "--admin", "off"])
     assert result.returncode == 1
     assert "exchange" in result.stderr and "tls.key" in result.stderr, result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
+def test_proxy_stops_when_its_audit_worker_dies(postgres, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Nothing may run unrecorded: the proxy exits with an error (and Kubernetes restarts it)."""
+    issuer = LocalIssuer()
+    folder = _manifests(tmp_path, postgres.port, postgres.admin_user, postgres.admin_password, issuer)
+    port = free_port()
+    proc = subprocess.Popen(
+        [*SIDEGATE, "proxy", "--manifests", str(folder), "--connection", "orders-db", "--listen",
+         f"127.0.0.1:{port}", "--admin", "off", "--audit-worker", "--no-audit-stdout"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_port("127.0.0.1", port, timeout=30)
+        ok = _psql(port, issuer.mint("system:serviceaccount:payments:reporter"), "SELECT 1")
+        assert ok.returncode == 0, ok.stderr
+        workers = _children(proc.pid)
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, stderr
+    assert "the audit worker exited (code -9)" in stderr
 
 
 def test_audit_verify_detects_edit(tmp_path: Path) -> None:

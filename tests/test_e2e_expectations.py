@@ -80,7 +80,7 @@ class LocalStack:
     """ProxyRuntime serving the example Connection, audit to a file."""
 
     def __init__(self, tmp: Path, pg: LocalPostgres, conn: dict[str, Any], policies: list[dict[str, Any]],
-                 kube: KubeConfig | None = None) -> None:
+                 kube: KubeConfig | None = None, audit_process: bool = False) -> None:
         issuer = LocalIssuer()
         token = tmp / "token"
         token.write_text(issuer.mint(EXPECT["caller"]))
@@ -92,7 +92,7 @@ class LocalStack:
         self.runtime = ProxyRuntime(build_config(conn, policies), secrets, RuntimeOptions(
             listen_host="127.0.0.1", listen_port=0, admin_port=None, audit_stdout=False,
             spool_dir=tmp / "spool", extra_sinks=(FileSink(self.audit_file),),
-            workload_token_path=str(token), kube=kube))
+            workload_token_path=str(token), kube=kube, audit_process=audit_process))
 
     async def __aenter__(self) -> LocalStack:
         await self.runtime.start()
@@ -116,6 +116,18 @@ async def test_case_without_approval(name: str, sample_pg: LocalPostgres, tmp_pa
         code, out = await asyncio.to_thread(psql, stack.port, sample_pg.database, c["sql"])
     assert e2e_expectations.check_output(c, code, out) == []
     assert e2e_expectations.check_audit(EXPECT, read_audit(stack.audit_file), cases=[c]) == []
+
+
+@pytest.mark.postgres
+async def test_every_case_through_the_audit_worker(sample_pg: LocalPostgres, tmp_path: Path) -> None:
+    """As ``sidegate proxy`` runs by default: the audit sealed and spooled by a worker process."""
+    cases = [c for c in EXPECT["cases"] if not c.get("approve")]
+    conn, policies = example_objects(EXPECT["connection"]["namespace"], sample_pg)
+    async with LocalStack(tmp_path, sample_pg, conn, policies, audit_process=True) as stack:
+        for c in cases:
+            code, out = await asyncio.to_thread(psql, stack.port, sample_pg.database, c["sql"])
+            assert e2e_expectations.check_output(c, code, out) == [], c["name"]
+    assert e2e_expectations.check_audit(EXPECT, read_audit(stack.audit_file), cases=cases) == []
 
 
 def test_checks_catch_a_leak() -> None:

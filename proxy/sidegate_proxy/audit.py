@@ -25,13 +25,13 @@ import logging
 import re
 import secrets
 import time as _time
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from operator import attrgetter, call, itemgetter
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -230,8 +230,16 @@ class AuditEvent(NamedTuple):
     approval: ApprovalRef | None = None
     commands: int | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled for the audit worker: a read-only ``masked`` view is refused, its dict is not
+        i = _MASKED_FIELD
+        return type(self), (*self[:i], dict(self.masked), *self[i + 1:])
+
     def to_dict(self) -> dict[str, Any]:
         return ocsf_event(self)
+
+
+_MASKED_FIELD = AuditEvent._fields.index("masked")
 
 
 def _decision(decision: Decision | Action | None, rule: str | None, reason: str) -> tuple[Any, Any, str]:
@@ -883,6 +891,25 @@ def chain_head(line: bytes) -> ChainHead:
 # --------------------------------------------------------------------------- the facade
 
 
+class AuditTrail(Protocol):
+    """What the front ends write to: ``AuditLog`` in this process, or ``AuditProcess`` handing the
+    events to one of its own (``auditworker``)."""
+
+    async def start(self) -> None: ...
+
+    def emit_nowait(self, event: AuditEvent | Mapping[str, Any]) -> object:
+        """Queue an event (allowed commands): sealed in order, durable with the next group commit."""
+        ...
+
+    def emit(self, event: AuditEvent | Mapping[str, Any]) -> Awaitable[dict[str, Any]]:
+        """The sealed record, once durable (before answering a blocked or held command)."""
+        ...
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class AuditLog:
     """Durable, chained, shipped audit events for one proxy instance.
 
@@ -973,9 +1000,13 @@ class AuditLog:
         record, _ = self._append(event, urgent=False)
         return record
 
-    async def emit(self, event: AuditEvent | Mapping[str, Any]) -> dict[str, Any]:
-        """Seal an event and return once it (and everything before it) is durable in the spool."""
+    def emit(self, event: AuditEvent | Mapping[str, Any]) -> Awaitable[dict[str, Any]]:
+        """Seal an event now (its place in the chain is this call's) and wait, when awaited,
+        until it and everything before it is durable in the spool."""
         record, committed = self._append(event, urgent=True)
+        return self._durable(record, committed)
+
+    async def _durable(self, record: dict[str, Any], committed: asyncio.Future[None]) -> dict[str, Any]:
         try:
             await committed
         except OSError as exc:

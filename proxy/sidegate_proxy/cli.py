@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from .audit import AuditError
 from .config import ConfigError, ProxyConfig, load_config
 from .manifests import ManifestError, config_from_manifests
 from .runtime import (
@@ -59,6 +60,10 @@ def proxy_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-dir", metavar="DIR", default=os.environ.get("SIDEGATE_AUDIT_DIR"),
                    help="audit spool folder (default: a temporary folder; set it to survive restarts)")
     p.add_argument("--no-audit-stdout", action="store_true", help="do not print audit events to stdout")
+    p.add_argument("--audit-worker", action="store_true",
+                   help="seal and spool audit events in a worker process: more statements per second "
+                        "when the pod has a second core, a little more latency when it has not "
+                        "(see docs/performance.md)")
     p.add_argument("--tls-cert", metavar="FILE", help="serve TLS to clients with this certificate")
     p.add_argument("--tls-key", metavar="FILE")
     p.add_argument("--token-signing-key", metavar="FILE",
@@ -111,6 +116,7 @@ def run_proxy(argv: list[str]) -> int:
         admin_port=admin_port,
         spool_dir=Path(args.audit_dir) if args.audit_dir else None,
         audit_stdout=not args.no_audit_stdout,
+        audit_process=args.audit_worker,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         token_signing_key=signing_key,
@@ -134,7 +140,7 @@ def run_proxy(argv: list[str]) -> int:
 
     try:
         run_event_loop(main())
-    except (ConfigError, SecretMissing, OSError) as exc:
+    except (ConfigError, SecretMissing, OSError, AuditError) as exc:
         print(f"sidegate proxy: {exc}", file=sys.stderr)
         return 1
     return 0

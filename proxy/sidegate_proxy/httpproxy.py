@@ -35,7 +35,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .approvals import ApprovalBroker
-from .audit import AuditError, AuditLog, http_request_event
+from .audit import AuditError, AuditTrail, http_request_event
 from .config import Connection, ProxyConfig, TLSConfig
 from .guardrails import Guard
 from .identity import Authenticator, AuthError, WorkloadIdentity
@@ -436,7 +436,7 @@ class HTTPProxy:
         authenticator: Authenticator,
         guard: Guard,
         masking: MaskingEngine,
-        audit: AuditLog,
+        audit: AuditTrail,
         metrics: Metrics,
         workload: WorkloadIdentity | None = None,
         settings: HTTPSettings | None = None,

@@ -155,9 +155,11 @@ class KubeEventSink:
         burst: int = 20,
         window: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        owns_client: bool = False,
     ) -> None:
         self.name = name
         self.kube = kube
+        self._owns_client = owns_client
         self.connection = connection
         self.instance = instance[:128]
         self.window = window
@@ -165,6 +167,10 @@ class KubeEventSink:
         self._bucket = TokenBucket(rate, burst, clock)
         self._clock = clock
         self._series: dict[tuple[str, ...], _Series] = {}
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self.kube.close()
 
     def _regarding(self) -> dict[str, str]:
         ref = {"apiVersion": API_VERSION, "kind": "Connection", "name": self.connection.name,

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from . import pgwire
-from .audit import AuditLog, command_event, session_end, session_start
+from .audit import AuditTrail, command_event, session_end, session_start
 from .config import Connection, ProxyConfig
 from .guardrails import Guard, SQLVerdict
 from .httpproxy import upstream_ssl
@@ -1439,7 +1439,7 @@ class ProxyServer:
         authenticator: Authenticator,
         guard: Guard,
         masking_engine: MaskingEngine | None,
-        audit_log: AuditLog,
+        audit_log: AuditTrail,
         host: str = "127.0.0.1",
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from types import MappingProxyType
 from typing import Any
 
 from .config import Action, Connection, SubjectMatch
@@ -27,6 +28,14 @@ class Caller:
 
     def audit_fields(self) -> dict[str, Any]:
         return {"subject": self.subject, "issuer": self.issuer, "groups": sorted(self.groups)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # claims are a read-only view, which pickle refuses: the audit worker process needs callers
+        return {**self.__dict__, "claims": dict(self.claims)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, MappingProxyType(value) if name == "claims" else value)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from aiohttp import web
 
 from .admin import admin_app
 from .approvals import ApprovalBroker, pg_approval_hook
-from .audit import AuditLog
+from .audit import AuditError, AuditLog, AuditTrail
+from .auditworker import AuditProcess, AuditRecipe
 from .config import DEFAULT_SIGNING_KEY, ConfigError, ProxyConfig
 from .guardrails import Guard
 from .identity import Authenticator, WorkloadIdentity
@@ -57,6 +58,7 @@ class RuntimeOptions:
     audit_stdout: bool = True
     extra_sinks: Sequence[Sink] = ()
     audit_fsync: bool = True
+    audit_process: bool = False  # seal and spool in a worker process (--audit-worker)
     chain_key: bytes | None = None
     masking_key: bytes | None = None
     tls_cert: str | None = None
@@ -109,6 +111,27 @@ class Components:
     workload: WorkloadIdentity | None
 
 
+@dataclass(frozen=True)
+class AuditSinks:
+    """The sinks a Connection's ``spec.audit`` asks for, as a picklable factory, so the audit
+    worker can build them itself; Kubernetes Events get an API client of their own, opened in
+    the event loop that ships them."""
+
+    config: ProxyConfig
+    secrets: SecretStore
+    options: RuntimeOptions
+    kube: KubeConfig | None
+
+    def __call__(self) -> list[Sink]:
+        conn = self.config.connection
+        sinks = [*sinks_from_config(conn.audit, self.secrets, stdout=self.options.audit_stdout),
+                 *self.options.extra_sinks]
+        if self.kube is not None and conn.audit.kubernetes_events:
+            sinks.append(KubeEventSink(KubeClient(self.kube), conn, instance=self.options.instance_id,
+                                       owns_client=True))
+        return sinks
+
+
 class ProxyRuntime:
     """One running proxy: data listener, admin port, audit log; ``reload`` swaps policy for new
     sessions without dropping the ones already open."""
@@ -125,7 +148,7 @@ class ProxyRuntime:
                    or f"https://sidegate.{config.connection.namespace}.svc")
             self.token_issuer = TokenIssuer(self.options.token_signing_key, url, key_id="sidegate-1")
         self.components = self.build(config)
-        self.audit: AuditLog | None = None
+        self.audit: AuditTrail | None = None
         self.kube: KubeClient | None = None
         self._server: object | None = None
         self._runners: list[web.AppRunner] = []
@@ -167,11 +190,13 @@ class ProxyRuntime:
             self._spool_tmp = tempfile.TemporaryDirectory(prefix="sidegate-audit-")
             spool = Path(self._spool_tmp.name)
         self.kube = self._kube_client()
-        sinks = [*sinks_from_config(conn.audit, self.secrets, stdout=opts.audit_stdout), *opts.extra_sinks]
-        if self.kube is not None and conn.audit.kubernetes_events:
-            sinks.append(KubeEventSink(self.kube, conn, instance=opts.instance_id))
         chain_key = opts.chain_key or derive_key(default_masking_key(self.config, self.secrets), "audit-chain")
-        self.audit = AuditLog(spool, sinks, chain_key, opts.instance_id, fsync=opts.audit_fsync)
+        sinks = AuditSinks(self.config, self.secrets, opts, self.kube.config if self.kube else None)
+        if opts.audit_process:
+            self.audit = AuditProcess(AuditRecipe(spool, sinks, chain_key, opts.instance_id, fsync=opts.audit_fsync,
+                                                  log_level=logging.getLogger().getEffectiveLevel()))
+        else:
+            self.audit = AuditLog(spool, sinks(), chain_key, opts.instance_id, fsync=opts.audit_fsync)
         await self.audit.start()
 
         host = opts.listen_host or ("127.0.0.1" if conn.mode == "sidecar" else "0.0.0.0")
@@ -216,6 +241,11 @@ class ProxyRuntime:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         return int(sockets[0].getsockname()[1]) if sockets else port
+
+    def failures(self) -> list[asyncio.Future[AuditError]]:
+        """Resolve when the proxy can no longer record (its audit worker died): it must stop."""
+        failed = self.audit.failed if isinstance(self.audit, AuditProcess) else None
+        return [failed] if failed is not None else []
 
     def _kube_client(self) -> KubeClient | None:
         """The API server, when there is one: approvals and Events need it; without it a
@@ -338,6 +368,9 @@ class ProxyGroup:
         self._admin: web.AppRunner | None = None
         self.admin_port: int | None = None
 
+    def failures(self) -> list[asyncio.Future[AuditError]]:
+        return [f for r in self.runtimes for f in r.failures()]
+
     def ready(self) -> str | None:
         for r in self.runtimes:
             reason = r.ready()
@@ -394,9 +427,15 @@ async def run_until_signal(runtime: ProxyRuntime | ProxyGroup, *extra: asyncio.T
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await runtime.start()
+    stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    failures = runtime.failures()
     try:
-        await stop.wait()
+        await asyncio.wait([stopped, *failures], return_when=asyncio.FIRST_COMPLETED)
+        for failed in failures:
+            if failed.done() and not failed.cancelled():
+                raise failed.result()
     finally:
+        stopped.cancel()
         for task in extra:
             task.cancel()
         await runtime.close()
