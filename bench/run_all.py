@@ -243,7 +243,7 @@ def write_chart(path: Path, results: dict[str, Any]) -> bool:
     ratios: list[float] = []
     added: list[float] = []
     colors: list[str] = []
-    palette = {"nginx": "#7f7f7f", "PgBouncer": "#7f7f7f"}
+    palette = {"nginx": "#7f7f7f", "PgBouncer": "#7f7f7f", "Sidegate --audit-worker": "#ff7f0e"}
     http = results.get("http")
     if isinstance(http, dict) and "results" in http:
         direct = http["results"][0]

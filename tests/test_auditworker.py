@@ -180,6 +180,29 @@ async def test_a_dead_worker_fails_closed(tmp_path: Path) -> None:
     assert commands([json.loads(s) for s in spooled]) == ["SELECT 1"]  # what was durable stays
 
 
+async def test_a_worker_that_falls_behind_fails_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay's memory stays bounded: a stalled worker counts as a dead one."""
+    monkeypatch.setattr(auditworker, "MAX_BACKLOG", 1 << 20)
+    audit = AuditProcess(recipe(tmp_path), batch_interval=0.001)
+    await audit.start()
+    assert audit.pid is not None and audit.failed is not None
+    os.kill(audit.pid, signal.SIGSTOP)
+    try:
+        for i in range(100_000):
+            if audit.failed.done():
+                break
+            audit.emit_nowait(event(i))
+            if i % 100 == 0:
+                await asyncio.sleep(0.002)
+        error = await asyncio.wait_for(audit.failed, 30)
+        assert "fell" in str(error) and "behind" in str(error)
+        with pytest.raises(AuditError, match="behind"):
+            audit.emit_nowait(event(0))
+    finally:
+        os.kill(audit.pid, signal.SIGCONT)
+    await audit.close()
+
+
 async def test_the_worker_ignores_the_terminal_interrupt(tmp_path: Path) -> None:
     """Ctrl-C reaches the whole process group: the worker must outlive it to take the proxy's
     last events, and stop only when the proxy closes the channel."""

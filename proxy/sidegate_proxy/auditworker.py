@@ -46,6 +46,7 @@ _LENGTH = struct.Struct(">I")
 MAX_FRAME = 256 << 20  # a batch of events, pickled; far above any real one
 START_TIMEOUT = 60.0
 CLOSE_TIMEOUT = 30.0
+MAX_BACKLOG = 64 << 20  # bytes of events the worker has not read yet
 MAX_CALLERS = 10_000  # identities remembered by number on both ends
 _CALLER, _MASKED, _APPROVAL = (AuditEvent._fields.index(f) for f in ("caller", "masked", "approval"))
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)  # the worker imports this very package
@@ -204,6 +205,9 @@ class AuditProcess:
             self._fail(AuditError(f"audit events could not be handed to the worker: {exc!r}"))
             raise self._error from exc  # type: ignore[misc]
         self._writer.write(frame)
+        backlog = self._writer.transport.get_write_buffer_size()
+        if backlog > MAX_BACKLOG:  # memory stays bounded: a worker this far behind is as good as gone
+            self._fail(AuditError(f"the audit worker fell {backlog} bytes behind"))
 
     async def _read_replies(self) -> None:
         assert self._reader is not None
@@ -255,6 +259,8 @@ class AuditProcess:
             with contextlib.suppress(OSError):
                 self._writer.write(_frame(("close",)))
                 await self._writer.drain()
+        else:
+            self._writer.close()  # a live worker that fell behind still spools what it has, then sees the end
         if self._replies is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._replies
