@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import random
 import time
 
@@ -11,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidegate_proxy.config import DETECTORS
-from sidegate_proxy.detectors import CUSTOM, DetectorError, Match, Scanner, iban_valid, luhn_valid
+from sidegate_proxy.detectors import (
+    CUSTOM,
+    DIGITS_ONLY_MIN,
+    DetectorError,
+    Match,
+    Scanner,
+    iban_valid,
+    luhn_valid,
+)
 
 ALL = Scanner([("pii", DETECTORS, None)])
 
@@ -216,3 +225,63 @@ def test_one_megabyte_scan_and_throughput(vocabulary: str) -> None:
     rate = len(text) / 1e6 / (time.perf_counter() - t0)
     print(f"\nscanner: {len(text) / 1e6:.2f} MB, {len(matches)} findings, {rate:.1f} MB/s")
     assert len(matches) == planted
+
+
+# --------------------------------------------------------------------------- integers as text
+
+INTEGER_TEXTS = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.builds(lambda n, neg: -int("9" * n) if neg else int("1" * n), st.integers(1, 19), st.booleans()),
+).map(str)
+
+
+@settings(max_examples=500, deadline=None)
+@given(INTEGER_TEXTS)
+def test_digits_only_min_bounds_what_each_detector_finds_in_an_integer(text: str) -> None:
+    """``DIGITS_ONLY_MIN``: a detector not listed never matches an integer's text, a listed one
+    only with at least that many digits; int2/int4 columns skip the scan on the strength of it."""
+    for name in DETECTORS:
+        hits = Scanner([("r", [name], None)]).scan(text)
+        if name not in DIGITS_ONLY_MIN:
+            assert hits == [], (name, text)
+        else:
+            assert all(sum(c.isdigit() for c in text[m.start:m.end]) >= DIGITS_ONLY_MIN[name] for m in hits)
+
+
+def test_every_digit_string_up_to_ten_digits_is_clean_under_the_built_ins() -> None:
+    """Exhaustively over shapes: every length, every leading digit, with and without a sign."""
+    for n in range(1, 11):
+        for lead in "123456789":
+            for fill in "0123456789":
+                for sign in ("", "-"):
+                    assert found(sign + lead + fill * (n - 1)) == []
+
+
+def test_integers_are_scanned_when_a_custom_pattern_could_match() -> None:
+    assert not ALL.matches_integers(10)  # int4: no built-in detector can hold a finding
+    assert ALL.matches_integers(19)  # int8: a card number fits
+    custom = Scanner([("pii", DETECTORS, None), ("ids", [], r"\d{6}")])
+    assert custom.matches_integers(5) and found("123456", custom) == [(CUSTOM, "123456")]
+
+
+CUSTOM_PATTERNS = {  # pattern: whether every match needs a character no integer's text has
+    "ACME-[0-9]{8}": True, r"[A-Z]{2}\d+": True, r"(?i)emp-\d+": True, r"(?:ab|cd)\d": True,
+    r"(?P<k>key)=\d+": True, r"\bEMP\d{4}\b": True, r".*@.*": True, r"[a-z]+|[A-Z]+": True,
+    r"\d{6}": False, r"(foo|\d+)": False, r"x?\d+": False, r"[^a]": False, r"\w+": False,
+    r"\s*\d": False, r"[a-f0-9]{32}": False, r"-\d": False, r"\D": False, r"(?!x)\d": False,
+    r"(\d)\1": False, r"[[:digit:]]": False, r"x|[[:digit:]]": False, r"\pN+": False, r"\Q-1\E": False,
+}
+
+
+@pytest.mark.parametrize(("pattern", "needs"), CUSTOM_PATTERNS.items())
+def test_custom_patterns_that_cannot_match_an_integer(pattern: str, needs: bool) -> None:
+    scanner = Scanner([("r", ["email"], pattern)])
+    assert scanner.matches_integers(5) is not needs
+
+
+@settings(max_examples=300, deadline=None)
+@given(INTEGER_TEXTS)
+def test_a_pattern_judged_integer_free_never_matches_an_integer(text: str) -> None:
+    for pattern, needs in CUSTOM_PATTERNS.items():
+        if needs:
+            assert re.search(pattern, text) is None, (pattern, text)

@@ -514,3 +514,24 @@ def test_real_postgres_unknown_origins_fail_closed(pg: Any, masker: Masker) -> N
     assert rows == [[None, None]]
     rows = _run(pg, masker, "SELECT ref, amount FROM orders ORDER BY id LIMIT 1", ["orders"])
     assert rows[0][0] == hash_value("ACME-00000001", KEY)
+
+
+INT2 = 21
+
+
+@pytest.mark.parametrize("fmt", [0, 1])
+def test_small_integers_skip_the_detectors_unless_a_custom_pattern_could_match(fmt: int) -> None:
+    """int2/int4 cannot hold what the built-in detectors look for, so a result of them is relayed
+    untouched; int8 can (a card number), and so can any column under a custom pattern."""
+    builtin = Masker([rule("pii", "redact", detectors=("email", "credit-card", "us-ssn", "phone"))], KEY)
+    cols = [ColumnOrigin(n, 5, i + 1, oid, fmt, "public", "t", n) for i, (n, oid) in enumerate(
+        [("a", INT2), ("b", INT4)])]
+    assert not builtin.plan_columns(cols).active
+    assert builtin.plan_columns([ColumnOrigin("c", 5, 3, INT8, fmt, "public", "t", "c")]).active
+
+    custom = Masker([rule("ids", "redact", pattern=r"\d{6}")], KEY)
+    plan = custom.plan_columns(cols)
+    assert plan.active
+    value = b"123456" if fmt == 0 else struct.pack("!i", 123456)
+    masked, counts = plan.apply([None, value])
+    assert counts == {"ids": 1} and masked[1] != value

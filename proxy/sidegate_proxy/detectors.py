@@ -19,11 +19,14 @@ its findings are exactly those of scanning each value alone (see ``_candidates``
 
 from __future__ import annotations
 
+import importlib
 import re
+import warnings
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Any
 
 import re2
 
@@ -173,7 +176,74 @@ _VALIDATORS: dict[str, _Validator] = {
     "ipv4": _ipv4,
 }
 
+# The fewest digits a detector's match holds when the text is an integer as PostgreSQL prints one
+# (digits after an optional minus sign); a detector not listed never matches such a text (each
+# needs a letter, '@', '+', '.', '(' or a separator between digits). Checked exhaustively in
+# tests/test_detectors.py, so a new detector cannot slip past it.
+DIGITS_ONLY_MIN: dict[str, int] = {"credit-card": 13}
+
 assert set(DETECTOR_PATTERNS) == set(DETECTORS) == set(_PREFILTERS)
+
+
+_INTEGER_CHARS = "-0123456789"
+# Python's own regex parser (no public API, no stubs): the parse tree of a custom pattern
+re_parser: Any = importlib.import_module("re._parser")
+re_constants: Any = importlib.import_module("re._constants")
+
+
+def _needs_non_integer_char(pattern: str) -> bool:
+    """True when every match of a custom pattern holds a character no integer's text has (a
+    letter, '@', ...), so int2/int4 columns need not be scanned for it. Conservative: False for
+    whatever the analysis does not follow (and for syntax Python's parser does not know)."""
+    if "[:" in pattern:
+        return False  # an RE2 POSIX class ([[:digit:]]) that Python would read as a set of characters
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "possible nested set" and the like
+            parsed = re_parser.parse(pattern)
+    except Exception:
+        return False  # RE2-only syntax (\pN, \Q...\E, \z): unknown, so it may match
+    return _seq_needs(list(parsed))
+
+
+def _seq_needs(items: list[Any]) -> bool:
+    return any(_node_needs(op, arg) for op, arg in items)
+
+
+def _node_needs(op: Any, arg: Any) -> bool:
+    if op is re_constants.LITERAL:
+        return chr(arg) not in _INTEGER_CHARS
+    if op is re_constants.IN:
+        return not any(_in_set(arg, ch) for ch in _INTEGER_CHARS)
+    if op is re_constants.SUBPATTERN:
+        return _seq_needs(list(arg[-1]))
+    if op in (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT, re_constants.POSSESSIVE_REPEAT):
+        low, _high, sub = arg
+        return low >= 1 and _seq_needs(list(sub))
+    if op is re_constants.BRANCH:
+        return all(_seq_needs(list(branch)) for branch in arg[1])
+    if op is re_constants.ATOMIC_GROUP:
+        return _seq_needs(list(arg))
+    return False  # ANY, NOT_LITERAL, anchors, lookarounds, back references: a digit may do
+
+
+def _in_set(items: list[tuple[Any, Any]], ch: str) -> bool:
+    """Whether a character class may match ``ch`` (True where unsure)."""
+    code = ord(ch)
+    for op, arg in items:
+        if op is re_constants.NEGATE:
+            return True
+        if op is re_constants.LITERAL and arg == code:
+            return True
+        if op is re_constants.RANGE and arg[0] <= code <= arg[1]:
+            return True
+        if op is re_constants.CATEGORY and arg not in (re_constants.CATEGORY_SPACE,):
+            if arg in (re_constants.CATEGORY_DIGIT, re_constants.CATEGORY_WORD) and not ch.isdigit():
+                continue
+            return True
+        if op not in (re_constants.LITERAL, re_constants.RANGE, re_constants.CATEGORY):
+            return True
+    return False
 
 
 def _first_byte_prefilter(first: bytes) -> _Prefilter | None:
@@ -298,6 +368,14 @@ class Scanner:
                     raise DetectorError(f"rule {rule}: invalid pattern {pattern!r}: {exc}") from None
         self._alts = tuple(alts)
         self._fallback = tuple(fallback)
+        never = 1 << 30
+        self._integer_digits = min(
+            (DIGITS_ONLY_MIN.get(a.detector, never) if a.detector != CUSTOM
+             else never if _needs_non_integer_char(a.pattern.decode()) else 0 for a in alts),
+            default=never,
+        )
+        if any(not _needs_non_integer_char(rx.pattern) for _, rx in fallback):
+            self._integer_digits = 0
         self._always = sum(1 << i for i, a in enumerate(alts) if a.prefilter is None)
         self._prefilters = tuple((1 << i, a.prefilter) for i, a in enumerate(alts) if a.prefilter is not None)
         self._compiled: dict[tuple[int, bool], _Combined] = {}
@@ -315,6 +393,11 @@ class Scanner:
     @property
     def empty(self) -> bool:
         return not self._alts and not self._fallback
+
+    def matches_integers(self, digits: int) -> bool:
+        """Whether an integer of at most ``digits`` digits, printed as text, can hold a finding:
+        not for int2 and int4 under the built-in detectors alone, so those columns skip the scan."""
+        return digits >= self._integer_digits
 
     @property
     def python_fallback(self) -> tuple[str, ...]:

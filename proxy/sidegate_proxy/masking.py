@@ -65,6 +65,7 @@ JSONB_OID = 3802
 # ones that hold text, the text itself, so they are treated as text-like.
 FIRST_USER_OID = 16384
 _INT_OIDS: frozenset[int] = frozenset({20, 21, 23})  # int8, int2, int4
+_INT_DIGITS: Mapping[int, int] = MappingProxyType({21: 5, 23: 10, 20: 19})  # most digits of each
 _NUMERIC_OID = 1700
 # Arrays of text-like elements: text[], varchar[], bpchar[], name[], "char"[], json[], jsonb[].
 _TEXT_ARRAY_OIDS: frozenset[int] = frozenset({1009, 1015, 1014, 1003, 1002, 199, 3807})
@@ -485,13 +486,17 @@ class Masker:
     def _raw_scan(self, oid: int, fmt: int) -> bool | None:
         """For a column scanned byte for byte: whether a hit makes it NULL (its type cannot carry
         a mask); None when its values are not scanned as they are (or not at all)."""
-        if not self._scans or oid in JSON_OIDS:
+        if not self._scans or oid in JSON_OIDS or not self._integers_scanned(oid):
             return None
         if fmt == 0:
             if oid in _UNSCANNED_OIDS:
                 return None
             return not (_text_like(oid) or oid in _TEXT_ARRAY_OIDS)
         return False if _text_like(oid) else None
+
+    def _integers_scanned(self, oid: int) -> bool:
+        digits = _INT_DIGITS.get(oid)
+        return digits is None or self._scanner.matches_integers(digits)
 
     def _scanner_for(self, oid: int, fmt: int) -> _Action | None:
         """How detectors reach a column's values, or None when they cannot hold a finding."""
@@ -506,7 +511,7 @@ class Masker:
             return lambda raw, counts: raw if self._scan_value(raw, counts) == raw else None
         if fmt == 0:
             return None
-        if oid in _INT_OIDS or oid == _NUMERIC_OID:
+        if (oid in _INT_OIDS and self._integers_scanned(oid)) or oid == _NUMERIC_OID:
             return lambda raw, counts: self._scan_number(oid, raw, counts)
         if oid in _TEXT_ARRAY_OIDS:
             return self._scan_array
