@@ -25,7 +25,11 @@ from sidegate_proxy import auditworker
 from sidegate_proxy.audit import AuditError, AuditEvent, command_event
 from sidegate_proxy.auditverify import load_key, verify_lines
 from sidegate_proxy.auditworker import AuditProcess, AuditRecipe, main
+from sidegate_proxy.demo import LocalIssuer, build_demo
+from sidegate_proxy.kube import KubeConfig
+from sidegate_proxy.kubeevents import KubeEventSink
 from sidegate_proxy.policy import ApprovalRef, Caller, Decision
+from sidegate_proxy.runtime import AuditSinks, RuntimeOptions
 from sidegate_proxy.sinks import FileSink
 
 KEY = b"0123456789abcdef0123456789abcdef"
@@ -160,6 +164,29 @@ async def test_a_worker_that_cannot_open_its_spool_says_why(tmp_path: Path) -> N
         await audit.start()
     with pytest.raises(AuditError, match="did not start"):
         audit.emit_nowait(event(1))
+
+
+async def test_the_runtime_sinks_travel_to_the_worker(tmp_path: Path) -> None:
+    """``runtime.AuditSinks`` pickles (config, Secrets, API address) and builds, in the worker's
+    loop, an Events sink with a client of its own, closed with it."""
+    issuer = LocalIssuer()
+    config, secrets = build_demo(_FakePG(), issuer)
+    kube = KubeConfig("https://127.0.0.1:6443", token="t")
+    factory = pickle.loads(pickle.dumps(AuditSinks(config, secrets, RuntimeOptions(audit_stdout=False), kube)))
+    sinks = factory()
+    events = [s for s in sinks if isinstance(s, KubeEventSink)]
+    assert len(events) == 1 and events[0].kube.config == kube
+    await events[0].aclose()
+
+
+async def test_a_recipe_that_cannot_travel_is_refused_clearly(tmp_path: Path) -> None:
+    audit = AuditProcess(AuditRecipe(tmp_path / "spool", lambda: [], KEY, "pod-w"))
+    with pytest.raises(AuditError, match="did not start"):
+        await audit.start()
+
+
+class _FakePG:
+    host, port, user, password, database = "127.0.0.1", 5432, "app", "secret", "app"
 
 
 async def test_a_dead_worker_fails_closed(tmp_path: Path) -> None:

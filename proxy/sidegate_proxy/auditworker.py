@@ -118,10 +118,11 @@ class AuditProcess:
             theirs.close()
         self.pid = self._proc.pid
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
-        self._writer.write(_frame(("start", self.recipe)))
         try:
+            self._writer.write(_frame(("start", self.recipe)))
             reply = await asyncio.wait_for(_read_frame(self._reader), START_TIMEOUT)
-        except (asyncio.IncompleteReadError, TimeoutError, OSError) as exc:
+        except (asyncio.IncompleteReadError, TimeoutError, OSError, pickle.PicklingError, TypeError,
+                AttributeError) as exc:  # the last three: a recipe that cannot be pickled
             reply = ("failed", repr(exc))
         if reply[0] != "ready":
             self._error = AuditError(f"the audit worker did not start: {reply[1]}")
