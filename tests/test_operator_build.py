@@ -140,6 +140,18 @@ def test_deployment_is_hardened() -> None:
     assert dep["metadata"]["ownerReferences"][0]["uid"] == "uid-orders-db"
 
 
+@pytest.mark.parametrize(("cpu", "worker"), [
+    (None, False), ("1", False), ("1500m", False), ("2", True), ("2000m", True), ("3.5", True), ("lots", False),
+])
+def test_a_gateway_with_two_cores_seals_its_audit_in_a_worker(cpu: str | None, worker: bool) -> None:
+    conn = parse_connection(connection())
+    resources = {"requests": {"memory": "256Mi", **({"cpu": cpu} if cpu else {})}}
+    (container,) = build.build_deployment(conn, "sha256:abc", IMAGE, resources=resources)["spec"]["template"][
+        "spec"]["containers"]
+    assert ("--audit-worker" in container["args"]) is worker
+    assert build.cpu_cores("250m") == 0.25 and build.cpu_cores(2) == 2.0 and build.cpu_cores("") is None
+
+
 def test_deployment_mounts_config_and_credentials_read_only() -> None:
     conn = parse_connection(connection(
         target={"host": "db", "port": 5432, "database": "orders",
