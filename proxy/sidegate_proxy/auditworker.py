@@ -1,16 +1,19 @@
 """The audit log in a process of its own, so sealing and spooling leave the relay's core.
 
 Building the canonical record, linking the hash chain and spooling it cost a PostgreSQL relay
-about as much CPU as relaying the statement. ``AuditProcess`` keeps the relay's share to a list
-append: every ``batch_interval`` the events queued since go, pickled, over a socket pair to
-``python -m sidegate_proxy.auditworker``, which runs the ordinary ``AuditLog`` (chain, spool,
-shippers, sinks) on another core. One socket keeps one order, so the chain is the relay's order.
+about a third of its work per statement. ``AuditProcess`` keeps the relay's share to a list
+append: every ``batch_interval`` the events queued since go over a socket pair (as builtins, with
+``marshal``; each caller once, then by number) to ``python -m sidegate_proxy.auditworker``, which
+runs the ordinary ``AuditLog`` (chain, spool, shippers, sinks) on another core. One socket keeps
+one order, so the chain is the relay's order. It pays where that other core is free (a gateway
+with two); on a shared core it costs a little latency (docs/performance.md).
 
 What can go wrong, and what happens then:
 - the worker cannot start (spool locked or unwritable, a sink's Secret missing): ``start``
   raises ``AuditError`` with the worker's reason, and the proxy does not serve;
-- the worker dies: every later ``emit``/``emit_nowait`` raises ``AuditError`` (new sessions are
-  refused, since a session's start is recorded durably first) and ``failed`` resolves, which
+- the worker dies, or falls ``MAX_BACKLOG`` bytes behind: every later ``emit``/``emit_nowait``
+  raises ``AuditError`` (new sessions are refused, since a session's start is recorded durably
+  first) and ``failed`` resolves, which
   stops ``sidegate proxy`` with an error so Kubernetes restarts it. Events already in the spool
   are shipped after the restart; at most the last ``batch_interval`` of queued events is lost,
   as it would be by a crash of a single process;
