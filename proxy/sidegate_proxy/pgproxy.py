@@ -340,6 +340,7 @@ class _Statement:
     sql: str
     verdict: SQLVerdict
     decision: Decision  # what allowed it: the guardrail's verdict, or an approval
+    command_class: str | None  # for the audit of each execution, worked out once
 
 
 @dataclass(slots=True)
@@ -1095,7 +1096,7 @@ class Session:
             self.skip_until_sync = True
             return
         self._track_prepared(verdict)
-        self.statements[msg.name] = _Statement(msg.sql, verdict, decision)
+        self.statements[msg.name] = _Statement(msg.sql, verdict, decision, _command_class(verdict))
         self._send(msg.raw, _Pending("parse"))
 
     def _on_bind(self, msg: Bind, described: bool = False) -> None:
@@ -1338,7 +1339,7 @@ class Session:
         if st is None:
             self._audit_command("<unknown portal>", Decision("allow"), None, p, rows, sqlstate)
             return
-        self._audit_command(st.sql, st.decision, _command_class(st.verdict), p, rows, sqlstate)
+        self._audit_command(st.sql, st.decision, st.command_class, p, rows, sqlstate)
 
     async def _plan_describe(self, p: _Pending, msg: RowDescription) -> None:
         """An injected Describe, or the client's own right after Bind: the portal's plan."""
