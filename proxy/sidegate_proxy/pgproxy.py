@@ -369,6 +369,14 @@ class _Pending:
     copy_scan: bool = False
 
 
+# Requests whose answer is one fixed acknowledgement carry no state of their own: one shared,
+# never-modified entry each (answers to "query", "execute", "describe" and poison are per request).
+_ACK_PARSE: Final = _Pending("parse")
+_ACK_BIND: Final = _Pending("bind")
+_ACK_CLOSE: Final = _Pending("close")
+_ACK_SYNC: Final = _Pending("sync")
+
+
 # --------------------------------------------------------------------------- the session
 
 
@@ -935,7 +943,7 @@ class Session:
             self._send(msg.raw, _Pending("execute", portal=self.portals.get(msg.portal)))
         elif type(msg) is Sync:
             self.skip_until_sync = False
-            self._send(msg.raw, _Pending("sync"))
+            self._send(msg.raw, _ACK_SYNC)
         elif type(msg) is Describe:
             portal = self.portals.get(msg.name) if msg.kind == "P" else None
             self._send(msg.raw, _Pending("describe", describe_portal=msg.name if msg.kind == "P" else None,
@@ -946,7 +954,7 @@ class Session:
             return self._on_parse(msg)
         elif type(msg) is Close:
             (self.statements if msg.kind == "S" else self.portals).pop(msg.name, None)
-            self._send(msg.raw, _Pending("close"))
+            self._send(msg.raw, _ACK_CLOSE)
         elif type(msg) is Flush or type(msg) is CopyData or type(msg) is CopyDone or type(msg) is CopyFail:
             self._send(msg.raw)
         elif type(msg) is FunctionCall:
@@ -1097,14 +1105,14 @@ class Session:
             return
         self._track_prepared(verdict)
         self.statements[msg.name] = _Statement(msg.sql, verdict, decision, _command_class(verdict))
-        self._send(msg.raw, _Pending("parse"))
+        self._send(msg.raw, _ACK_PARSE)
 
     def _on_bind(self, msg: Bind, described: bool = False) -> None:
         """``described``: the client's own Describe of this portal comes next (libpq's
         PQexecPrepared does so), its RowDescription gives the plan without asking again."""
         portal = _Portal(self.statements.get(msg.statement), msg.result_formats)
         self.portals[msg.portal] = portal
-        self._send(msg.raw, _Pending("bind"))
+        self._send(msg.raw, _ACK_BIND)
         if self.masker is not None and described:
             portal.plan_on_describe = True
         elif self.masker is not None:
