@@ -375,6 +375,9 @@ _ACK_PARSE: Final = _Pending("parse")
 _ACK_BIND: Final = _Pending("bind")
 _ACK_CLOSE: Final = _Pending("close")
 _ACK_SYNC: Final = _Pending("sync")
+_ACKNOWLEDGED_BY: Final[Mapping[str, type[Message]]] = {
+    "parse": pgwire.ParseComplete, "bind": pgwire.BindComplete, "close": pgwire.CloseComplete, "sync": ReadyForQuery,
+}
 
 
 # --------------------------------------------------------------------------- the session
@@ -1170,9 +1173,7 @@ class Session:
             else:
                 return self._plan_describe(p, msg)
         else:
-            expected = {"parse": pgwire.ParseComplete, "bind": pgwire.BindComplete,
-                        "close": pgwire.CloseComplete, "sync": ReadyForQuery}[p.kind]
-            if not isinstance(msg, expected):
+            if type(msg) is not _ACKNOWLEDGED_BY[p.kind]:
                 raise _unexpected(msg)
             self._write(msg.raw)
             self.pending.popleft()

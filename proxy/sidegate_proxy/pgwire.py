@@ -709,9 +709,10 @@ class _Parser:
             buf = data if isinstance(data, bytes) else bytes(data)
         append = out.append
         header = _HEADER.unpack_from
-        decode = self._decode
+        decoders = self.decoders
         max_length = self.max_length
         pos, n = 0, len(buf)
+        kind = b""
         try:
             while n - pos >= 5:
                 kind, length = header(buf, pos)
@@ -720,8 +721,11 @@ class _Parser:
                 end = pos + length + 1
                 if end > n:
                     break
-                append(decode(kind, buf[pos:end]))
+                decoder = decoders.get(kind)  # inlined: this loop runs for every message relayed
+                append(self._unknown(kind, buf[pos:end]) if decoder is None else decoder(buf[pos:end]))
                 pos = end
+        except (ValueError, struct.error, IndexError) as exc:  # defensive: never crash the caller
+            raise ProtocolError(f"malformed message {kind!r}: {exc}") from None
         finally:
             self._buf = bytearray(buf[pos:]) if pos < n else bytearray()
         return out
@@ -741,17 +745,6 @@ class _Parser:
         finally:
             del buf[:pos]
         return out
-
-    def _decode(self, kind: bytes, raw: bytes) -> Message:
-        decoder = self.decoders.get(kind)
-        if decoder is None:
-            return self._unknown(kind, raw)
-        try:
-            return decoder(raw)
-        except ProtocolError:
-            raise
-        except (ValueError, struct.error, IndexError) as exc:  # defensive: never crash the caller
-            raise ProtocolError(f"malformed message {kind!r}: {exc}") from None
 
     def _unknown(self, kind: bytes, raw: bytes) -> Message:
         return Raw(raw)
