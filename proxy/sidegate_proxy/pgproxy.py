@@ -1131,6 +1131,7 @@ class Session:
     def _on_backend(self, msg: Message) -> _Handler:
         """Handled here, or the coroutine that finishes it (a result shape whose masking plan
         needs the catalog)."""
+        # exact types (the decoders make no subclasses), most frequent first
         if type(msg) is DataRow:  # the hot path first
             p = self.pending[0] if self.pending else None
             plan = None if p is None else p.plan if p.kind == "query" else p.portal.plan if p.portal else None
@@ -1140,20 +1141,20 @@ class Session:
             self._to_client.append(msg.raw)
             self.pending.popleft()
             return None
-        if isinstance(msg, NoticeResponse | NotificationResponse):
+        if type(msg) is NoticeResponse or type(msg) is NotificationResponse:
             self._write(msg.raw)
             return None
-        if isinstance(msg, ParameterStatus):
+        if type(msg) is ParameterStatus:
             self._check_parameter(msg)
             self._write(msg.raw)
             return None
         if not self.pending:
-            if isinstance(msg, ErrorResponse):  # e.g. FATAL admin shutdown
+            if type(msg) is ErrorResponse:  # e.g. FATAL admin shutdown
                 self._write(msg.raw)
                 raise _Closed
             raise _unexpected(msg)
         p = self.pending[0]
-        if isinstance(msg, ErrorResponse):
+        if type(msg) is ErrorResponse:
             self._on_error(p, msg)
         elif p.kind == "query":
             if type(msg) is not RowDescription:
@@ -1329,10 +1330,14 @@ class Session:
                 self._metric("masked", rule).inc(n)
 
     def _on_execute_response(self, p: _Pending, msg: Message) -> None:
-        if isinstance(msg, CommandComplete | EmptyQueryResponse | PortalSuspended):
+        if type(msg) is CommandComplete:
             self._write(msg.raw)
             self.pending.popleft()
-            self._execute_done(p, msg.rows if isinstance(msg, CommandComplete) else None, None)
+            self._execute_done(p, msg.rows, None)
+        elif type(msg) is EmptyQueryResponse or type(msg) is PortalSuspended:
+            self._write(msg.raw)
+            self.pending.popleft()
+            self._execute_done(p, None, None)
         elif isinstance(msg, CopyResponse):
             p.copy_scan = msg.type == b"H" and self.masker is not None
             self._write(msg.raw)
