@@ -95,6 +95,9 @@ class _Reader:
         return v
 
     def cstr(self) -> str:
+        if self.pos < len(self.buf) and self.buf[self.pos] == 0:  # "": unnamed portals and statements
+            self.pos += 1
+            return ""
         end = self.buf.find(b"\0", self.pos)
         if end < 0:
             raise ProtocolError("unterminated string")
