@@ -136,10 +136,7 @@ class AuditProcess:
         log.info("audit worker %s sealing chain %s", self.pid, reply[1])
 
     def emit_nowait(self, event: Event) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._writer is None or self._closing:
-            raise AuditError("the audit worker is not running")
+        self._check_running()
         self._batch.append(event)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.batch_interval, self._send_batch)
@@ -152,11 +149,14 @@ class AuditProcess:
         """Wait until everything emitted so far is durable in the worker's spool."""
         await self._request("flush")
 
-    def _request(self, kind: str, *args: Any) -> asyncio.Future[Any]:
+    def _check_running(self) -> None:
         if self._error is not None:
             raise self._error
         if self._writer is None or self._closing:
             raise AuditError("the audit worker is not running")
+
+    def _request(self, kind: str, *args: Any) -> asyncio.Future[Any]:
+        self._check_running()
         self._send_batch()
         request = next(self._ids)
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

@@ -237,13 +237,20 @@ def _in_set(items: list[tuple[Any, Any]], ch: str) -> bool:
             return True
         if op is re_constants.RANGE and arg[0] <= code <= arg[1]:
             return True
-        if op is re_constants.CATEGORY and arg not in (re_constants.CATEGORY_SPACE,):
-            if arg in (re_constants.CATEGORY_DIGIT, re_constants.CATEGORY_WORD) and not ch.isdigit():
-                continue
+        if op is re_constants.CATEGORY and _in_category(arg, ch):
             return True
         if op not in (re_constants.LITERAL, re_constants.RANGE, re_constants.CATEGORY):
             return True
     return False
+
+
+def _in_category(category: Any, ch: str) -> bool:
+    """\\s holds no integer character, \\d and \\w only digits; the negated ones may hold any."""
+    if category is re_constants.CATEGORY_SPACE:
+        return False
+    if category in (re_constants.CATEGORY_DIGIT, re_constants.CATEGORY_WORD):
+        return ch.isdigit()
+    return True
 
 
 def _first_byte_prefilter(first: bytes) -> _Prefilter | None:

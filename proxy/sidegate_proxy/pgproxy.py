@@ -1330,14 +1330,10 @@ class Session:
                 self._metric("masked", rule).inc(n)
 
     def _on_execute_response(self, p: _Pending, msg: Message) -> None:
-        if type(msg) is CommandComplete:
+        if type(msg) is CommandComplete or type(msg) is EmptyQueryResponse or type(msg) is PortalSuspended:
             self._write(msg.raw)
             self.pending.popleft()
-            self._execute_done(p, msg.rows, None)
-        elif type(msg) is EmptyQueryResponse or type(msg) is PortalSuspended:
-            self._write(msg.raw)
-            self.pending.popleft()
-            self._execute_done(p, None, None)
+            self._execute_done(p, msg.rows if type(msg) is CommandComplete else None, None)
         elif isinstance(msg, CopyResponse):
             p.copy_scan = msg.type == b"H" and self.masker is not None
             self._write(msg.raw)
