@@ -1,3 +1,10 @@
 """Sidegate data plane: the identity-aware PostgreSQL and HTTP proxies and their policy core."""
 
+from pathlib import Path as _Path
+
+from sidegate_proxy import _native
+
 __version__ = "0.1.0"
+
+# the per-statement modules: compiled when built from these sources, else their Python
+NATIVE = _native.select(__name__, _Path(__file__).parent)

@@ -176,20 +176,20 @@ async def open_upstream(
     try:
         user = secrets.get(ref, "username").decode()
         password = secrets.get(ref, "password").decode()
-    except (SecretMissing, UnicodeDecodeError, ValueError) as exc:
-        log.error("credentials for %s unusable: %s", connection.ref, exc)
+    except (SecretMissing, UnicodeDecodeError, ValueError) as missing:
+        log.error("credentials for %s unusable: %s", connection.ref, missing)
         raise UpstreamError("sidegate: the gateway's credentials for the target are unavailable",
                             "secret") from None
     try:
         tls = _upstream_tls(connection, secrets)
-    except (SecretMissing, UnicodeDecodeError, ssl.SSLError, ValueError) as exc:
-        log.error("TLS CA (spec.target.tls.caSecretRef) for %s unusable: %s", connection.ref, exc)
+    except (SecretMissing, UnicodeDecodeError, ssl.SSLError, ValueError) as bad_ca:
+        log.error("TLS CA (spec.target.tls.caSecretRef) for %s unusable: %s", connection.ref, bad_ca)
         raise UpstreamError("sidegate: the CA bundle for TLS with the target is unavailable", "secret") from None
     host, port = str(target.host), int(target.port or 5432)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), settings.connect_timeout)
-    except (OSError, TimeoutError) as exc:
-        log.warning("upstream %s:%s unreachable: %s", host, port, exc)
+    except (OSError, TimeoutError) as unreachable:
+        log.warning("upstream %s:%s unreachable: %s", host, port, unreachable)
         raise UpstreamError("sidegate: the target database is unreachable") from None
     try:
         if tls is not None:
@@ -237,21 +237,21 @@ async def open_upstream(
                 else:
                     raise _unexpected(msg)
             await writer.drain()
-    except AuthFailed as exc:
+    except AuthFailed as refused:
         writer.close()
-        log.warning("upstream login for %s failed: %s", connection.ref, exc)
+        log.warning("upstream login for %s failed: %s", connection.ref, refused)
         raise UpstreamError("sidegate: the gateway could not log in to the target", "auth") from None
-    except ProtocolError as exc:
+    except ProtocolError as garbled:
         writer.close()
-        raise UpstreamError(f"sidegate: protocol error from the target: {exc}", "protocol") from None
-    except ssl.SSLError as exc:
+        raise UpstreamError(f"sidegate: protocol error from the target: {garbled}", "protocol") from None
+    except ssl.SSLError as tls_failed:
         writer.close()
-        log.warning("upstream %s:%s TLS failed: %r", host, port, exc)
-        why = ": its certificate is not trusted" if isinstance(exc, ssl.SSLCertVerificationError) else ""
+        log.warning("upstream %s:%s TLS failed: %r", host, port, tls_failed)
+        why = ": its certificate is not trusted" if isinstance(tls_failed, ssl.SSLCertVerificationError) else ""
         raise UpstreamError(f"sidegate: TLS with the target failed{why}", "tls") from None
-    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as lost:
         writer.close()
-        log.warning("upstream %s:%s failed during login: %r", host, port, exc)
+        log.warning("upstream %s:%s failed during login: %r", host, port, lost)
         raise UpstreamError("sidegate: the target database is unreachable", "connect") from None
     except BaseException:
         writer.close()
@@ -531,13 +531,13 @@ class Session:
             if not await self._handshake():
                 return
             await self._relay()
-        except ProtocolError as exc:
-            log.info("session %s: protocol error from client: %s", self.id, exc)
-            self._fatal("08P01", f"sidegate: protocol violation: {exc}")
-        except UpstreamError as exc:
+        except ProtocolError as bad:
+            log.info("session %s: protocol error from client: %s", self.id, bad)
+            self._fatal("08P01", f"sidegate: protocol violation: {bad}")
+        except UpstreamError as failed:
             if metrics:
-                metrics.upstream_errors.labels(*labels, exc.kind).inc()
-            self._fatal(exc.sqlstate, str(exc))
+                metrics.upstream_errors.labels(*labels, failed.kind).inc()
+            self._fatal(failed.sqlstate, str(failed))
         except (_Closed, ConnectionError, asyncio.IncompleteReadError):
             pass
         except TimeoutError:
@@ -1514,8 +1514,10 @@ class ProxyServer:
         )
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self.host, self.port, limit=READ_SIZE)
-        sockets = self._server.sockets or ()
+        # Any: uvloop's ``sockets`` is a list where typeshed says tuple (compiled code checks)
+        server: Any = await asyncio.start_server(self._accept, self.host, self.port, limit=READ_SIZE)
+        self._server = server
+        sockets = server.sockets or ()
         if sockets:
             self.port = int(sockets[0].getsockname()[1])
 

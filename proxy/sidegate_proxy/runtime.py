@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from . import NATIVE
 from .admin import admin_app
 from .approvals import ApprovalBroker, pg_approval_hook
 from .audit import AuditError, AuditLog, AuditTrail
@@ -230,7 +231,8 @@ class ProxyRuntime:
                 admin_app(self.metrics, self.ready, routes=exchange_routes([self])), opts.admin_host,
                 opts.admin_port, None,
             )
-        log.info("sidegate proxy for %s (%s) listening on %s:%s", conn.ref, conn.type, host, self.port)
+        log.info("sidegate proxy for %s (%s) listening on %s:%s; data plane: %s", conn.ref, conn.type, host,
+                 self.port, NATIVE.reason)
 
     async def _serve(self, app: web.Application, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         runner = web.AppRunner(app, access_log=None)

@@ -1,0 +1,71 @@
+"""Which implementation of the per-statement modules runs: mypyc-compiled, or their Python.
+
+``SIDEGATE_NATIVE=1 setup.py build_ext`` compiles ``COMPILED`` from the very sources that ship
+beside them and records their digests. The compiled modules run only while those sources are
+unchanged, so an edit since the build (a developer's, a patched install) can never run stale
+code, and ``SIDEGATE_PURE_PYTHON=1`` asks for the Python ones outright.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+COMPILED = ("pgwire", "pgproxy", "masking", "detectors")  # setup.py's NATIVE_MODULES
+STAMP = "_native_build.json"
+PURE_ENV = "SIDEGATE_PURE_PYTHON"
+
+
+@dataclass(frozen=True)
+class NativeStatus:
+    active: bool  # the compiled modules are the ones imported
+    reason: str  # why not, or "compiled"
+
+
+class _PythonFirst(importlib.abc.MetaPathFinder):
+    """Imports the listed modules from their ``.py`` files, ahead of an extension beside them."""
+
+    def __init__(self, sources: dict[str, Path]) -> None:
+        self._sources = sources
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        source = self._sources.get(fullname)
+        return None if source is None else importlib.util.spec_from_file_location(fullname, source)
+
+
+def _stale(package_dir: Path) -> str | None:
+    """None: the compiled modules were built from these very sources."""
+    try:
+        built = json.loads((package_dir / STAMP).read_text())
+    except FileNotFoundError:
+        return "not compiled (`make native`, or SIDEGATE_NATIVE=1 when building the package)"
+    except (OSError, ValueError) as exc:
+        return f"build record {STAMP} unreadable: {exc}"
+    changed = [name for name in COMPILED
+               if built.get(name) != hashlib.sha256((package_dir / f"{name}.py").read_bytes()).hexdigest()]
+    if changed:
+        return f"sources changed since the native build: {', '.join(changed)} (rebuild: `make native`)"
+    return None
+
+
+def select(package: str, package_dir: Path) -> NativeStatus:
+    """Run at the package's import, before any of ``COMPILED`` is imported."""
+    reason = f"{PURE_ENV} is set" if os.environ.get(PURE_ENV, "") not in ("", "0") else _stale(package_dir)
+    if reason is None:
+        return NativeStatus(True, "compiled")
+    sys.meta_path.insert(0, _PythonFirst({f"{package}.{name}": package_dir / f"{name}.py" for name in COMPILED}))
+    return NativeStatus(False, reason)
+
+
+if __name__ == "__main__":  # `make native`: exit 0 when the compiled modules are current
+    sys.exit(0 if _stale(Path(__file__).parent) is None else 1)

@@ -1,0 +1,51 @@
+"""Optional native build of the data plane's per-statement modules (``SIDEGATE_NATIVE=1``).
+
+mypyc compiles the same typed sources that also run as Python, so there is one implementation:
+the whole test suite runs against the compiled modules and again, for the data plane, against
+the Python ones. ``sidegate_proxy/_native.py`` picks one at import time. Everything else about
+the package is declared in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+PACKAGE = Path("proxy", "sidegate_proxy")
+_spec = importlib.util.spec_from_file_location("_sidegate_native", PACKAGE / "_native.py")
+assert _spec is not None and _spec.loader is not None
+native = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(native)  # stdlib only: the list of modules and the stamp's name
+
+
+class BuildWithStamp(build_ext):
+    """Record which sources the extensions were built from: an edit since then is noticed."""
+
+    def run(self) -> None:
+        super().run()
+        stamp = {name: hashlib.sha256((PACKAGE / f"{name}.py").read_bytes()).hexdigest()
+                 for name in native.COMPILED}
+        target = PACKAGE if self.inplace else Path(self.build_lib, "sidegate_proxy")
+        target.mkdir(parents=True, exist_ok=True)
+        (target / native.STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")
+
+
+def _native_build() -> dict[str, Any]:
+    if os.environ.get("SIDEGATE_NATIVE", "") in ("", "0"):
+        return {}
+    from mypyc.build import mypycify  # needed only when compiling
+
+    sources = [str(PACKAGE / f"{name}.py") for name in native.COMPILED]
+    return {"ext_modules": mypycify(sources, opt_level="3", group_name="sidegate_proxy._compiled"),
+            "cmdclass": {"build_ext": BuildWithStamp}}
+
+
+setup(**_native_build())
