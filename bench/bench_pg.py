@@ -42,12 +42,14 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "proxy"), str(ROOT / "operator")]
 
+from sidegate_proxy import NATIVE, _native  # noqa: E402
 from sidegate_proxy.demo import DEMO_MANIFESTS, LocalIssuer  # noqa: E402
 from sidegate_proxy.localpg import LocalPostgres, free_port, stop_process, wait_port  # noqa: E402
 
 PGBOUNCER = "/usr/sbin/pgbouncer"
 CLIENTS = (1, 8)
 MODES = ("simple", "prepared")
+PURE = "Sidegate (pure Python)"
 BOT = "system:serviceaccount:payments:pgbench"
 
 
@@ -106,8 +108,11 @@ def write_manifests(folder: Path, pg: LocalPostgres, issuer: LocalIssuer, port: 
 
 
 @contextlib.contextmanager
-def sidegate(pg: LocalPostgres, issuer: LocalIssuer, workdir: Path, *flags: str) -> Iterator[tuple[int, int]]:
-    """``sidegate proxy --manifests`` as production runs it: its own process, audit spooled."""
+def sidegate(pg: LocalPostgres, issuer: LocalIssuer, workdir: Path, *flags: str,
+             pure: bool = False) -> Iterator[tuple[int, int]]:
+    """``sidegate proxy --manifests`` as production runs it: its own process, audit spooled.
+
+    ``pure``: the data plane's Python source instead of its compiled modules (SIDEGATE_PURE_PYTHON)."""
     port = free_port()
     workdir.mkdir(exist_ok=True)
     manifests = workdir / "manifests"
@@ -117,7 +122,8 @@ def sidegate(pg: LocalPostgres, issuer: LocalIssuer, workdir: Path, *flags: str)
     argv = [sys.executable, "-m", "sidegate_operator.cli", "proxy", "--manifests", str(manifests),
             "--connection", name, "--listen", f"127.0.0.1:{port}", "--admin", "off",
             "--audit-dir", str(workdir / "spool"), "--no-audit-stdout", "--log-level", "WARNING", *flags]
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, _native.PURE_ENV: "1" if pure else ""}
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         try:
             wait_port("127.0.0.1", port, timeout=30)
@@ -267,6 +273,7 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
     try:
         with LocalPostgres() as pg, sidegate(pg, issuer, workdir / "inline") as (sg_port, sg_pid), \
                 sidegate(pg, issuer, workdir / "worker", "--audit-worker") as (sw_port, sw_pid), \
+                sidegate(pg, issuer, workdir / "pure", pure=True) as (sp_port, sp_pid), \
                 pgbouncer(pg, workdir) as (pb_port, pb_pid):
             subprocess.run([pg_tool("pgbench", pg), "-i", "-q", "-s", str(scale), "-h", str(pg.sockdir), "-p",
                             str(pg.port), "-U", pg.user, pg.database], check=True, capture_output=True)
@@ -275,8 +282,9 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
             bouncer_session = Target("PgBouncer", pb_port, pg.user, pg.password, f"{pg.database}_session", pb_pid)
             gate = Target("Sidegate", sg_port, "bot", issuer.mint(BOT), pg.database, sg_pid)
             worker = Target("Sidegate --audit-worker", sw_port, "bot", issuer.mint(BOT), pg.database, sw_pid)
-            check_policy(pg, gate)
-            check_policy(pg, worker)
+            pure = Target(PURE, sp_port, "bot", issuer.mint(BOT), pg.database, sp_pid)
+            for target in (gate, worker, pure):
+                check_policy(pg, target)
             logdir = workdir / "logs"
             logdir.mkdir()
             runs: list[list[Result]] = []
@@ -284,7 +292,7 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
                 runs.append([
                     pgbench(pg, target, mode, clients, duration, logdir)
                     for mode in MODES for clients in CLIENTS
-                    for target in (direct, bouncer_session if mode == "prepared" else bouncer, gate, worker)
+                    for target in (direct, bouncer_session if mode == "prepared" else bouncer, gate, worker, pure)
                 ])
             versions = {
                 "postgres": subprocess.run([str(pg.bin / "postgres"), "--version"], capture_output=True,
@@ -312,6 +320,8 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
             "Sidegate: separate process, JWT password (token cache), guardrails, masking active for "
             "the caller (demo policy), audit spooled to disk (stdout audit off); with --audit-worker the "
             "audit is sealed and spooled by a second process, whose CPU is counted in the proxy's",
+            f"Sidegate's data plane: {NATIVE.reason}; '{PURE}' runs the same source as Python "
+            "(SIDEGATE_PURE_PYTHON=1)",
         ],
         "results": [asdict(r) for r in results],
     }
