@@ -186,6 +186,8 @@ async def open_upstream(
         log.error("TLS CA (spec.target.tls.caSecretRef) for %s unusable: %s", connection.ref, bad_ca)
         raise UpstreamError("sidegate: the CA bundle for TLS with the target is unavailable", "secret") from None
     host, port = str(target.host), int(target.port or 5432)
+    # each ``except ... as`` of a coroutine has its own name: compiled (mypyc), one name keeps the
+    # type of its first clause for the whole function, and a later clause's exception fails that check
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), settings.connect_timeout)
     except (OSError, TimeoutError) as unreachable:
@@ -531,7 +533,7 @@ class Session:
             if not await self._handshake():
                 return
             await self._relay()
-        except ProtocolError as bad:
+        except ProtocolError as bad:  # distinct names: see open_upstream
             log.info("session %s: protocol error from client: %s", self.id, bad)
             self._fatal("08P01", f"sidegate: protocol violation: {bad}")
         except UpstreamError as failed:
