@@ -18,8 +18,9 @@ venv: $(VENV)/.installed
 # The data plane's per-statement modules compiled with mypyc from the same sources (setup.py);
 # rebuilt when one changed. Without a C compiler the Python modules run, and the tests say so.
 native: venv
-	@$(PY) proxy/sidegate_proxy/_native.py || SIDEGATE_NATIVE=1 $(PY) setup.py -q build_ext --inplace >build-native.log 2>&1 \
-	  || { tail -n 20 build-native.log; echo "native build failed: the data plane runs as Python" >&2; }
+	@$(PY) proxy/sidegate_proxy/_native.py || { echo "compiling the data plane with mypyc (about a minute)"; \
+	  SIDEGATE_NATIVE=1 $(PY) setup.py -q build_ext --inplace >build-native.log 2>&1 \
+	  || { tail -n 20 build-native.log; echo "native build failed: the data plane runs as Python" >&2; }; }
 
 # System packages the tests use (PostgreSQL, PgBouncer, nginx): installed only when missing.
 deps:
