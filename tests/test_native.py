@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.machinery
 import json
 import os
 import sys
@@ -52,6 +53,8 @@ def _package(tmp_path: Path, stamp: dict[str, str] | None) -> Path:
         (pkg / f"{name}.py").write_text("KIND = 'source'\n")
         (pkg / name).mkdir()
         (pkg / name / "__init__.py").write_text("KIND = 'built'\n")
+        # what the build leaves beside the source; the directory above is what imports
+        (pkg / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"")
     if stamp is not None:
         (pkg / _native.STAMP).write_text(json.dumps(stamp))
     return pkg
@@ -100,6 +103,17 @@ def test_pure_python_env_wins_over_a_current_build(tmp_path: Path, monkeypatch: 
     (pkg / _native.STAMP).write_text(json.dumps(_digests(pkg)))
     monkeypatch.setenv(_native.PURE_ENV, "1")
     assert _native.select("fake", pkg) == _native.NativeStatus(False, f"{_native.PURE_ENV} is set")
+    assert _kinds() == {"source"}
+
+
+@pytest.mark.usefixtures("isolated_imports")
+def test_a_build_record_without_its_extensions_runs_python(tmp_path: Path) -> None:
+    """Sources copied with their record but not their extensions: say so, never claim "compiled"."""
+    pkg = _package(tmp_path, None)
+    (pkg / _native.STAMP).write_text(json.dumps(_digests(pkg)))
+    (pkg / f"masking{importlib.machinery.EXTENSION_SUFFIXES[0]}").unlink()
+    status = _native.select("fake", pkg)
+    assert not status.active and "missing" in status.reason and "masking" in status.reason
     assert _kinds() == {"source"}
 
 

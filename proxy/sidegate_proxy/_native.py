@@ -43,6 +43,13 @@ class _PythonFirst(importlib.abc.MetaPathFinder):
         return None if source is None else importlib.util.spec_from_file_location(fullname, source)
 
 
+def _digest(source: Path) -> str | None:
+    try:
+        return hashlib.sha256(source.read_bytes()).hexdigest()
+    except OSError:
+        return None  # unreadable: it cannot be shown to match the build
+
+
 def _stale(package_dir: Path) -> str | None:
     """None: the compiled modules were built from these very sources."""
     try:
@@ -51,8 +58,12 @@ def _stale(package_dir: Path) -> str | None:
         return "not compiled (`make native`, or SIDEGATE_NATIVE=1 when building the package)"
     except (OSError, ValueError) as exc:
         return f"build record {STAMP} unreadable: {exc}"
-    changed = [name for name in COMPILED
-               if built.get(name) != hashlib.sha256((package_dir / f"{name}.py").read_bytes()).hexdigest()]
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    missing = [name for name in COMPILED
+               if not any((package_dir / f"{name}{suffix}").exists() for suffix in suffixes)]
+    if missing:
+        return f"compiled modules missing beside their build record: {', '.join(missing)} (rebuild: `make native`)"
+    changed = [name for name in COMPILED if built.get(name) != _digest(package_dir / f"{name}.py")]
     if changed:
         return f"sources changed since the native build: {', '.join(changed)} (rebuild: `make native`)"
     return None
