@@ -8,7 +8,6 @@ the package is declared in pyproject.toml.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -23,7 +22,7 @@ PACKAGE = Path("proxy", "sidegate_proxy")
 _spec = importlib.util.spec_from_file_location("_sidegate_native", PACKAGE / "_native.py")
 assert _spec is not None and _spec.loader is not None
 native = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(native)  # stdlib only: the list of modules and the stamp's name
+_spec.loader.exec_module(native)  # stdlib only: the modules, the stamp's name and its digests
 
 
 class BuildWithStamp(build_ext):
@@ -31,8 +30,7 @@ class BuildWithStamp(build_ext):
 
     def run(self) -> None:
         super().run()
-        stamp = {name: hashlib.sha256((PACKAGE / f"{name}.py").read_bytes()).hexdigest()
-                 for name in native.COMPILED}
+        stamp = native.source_digests(PACKAGE)
         target = PACKAGE if self.inplace else Path(self.build_lib, "sidegate_proxy")
         target.mkdir(parents=True, exist_ok=True)
         (target / native.STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")

@@ -329,6 +329,7 @@ def build_deployment(conn: Connection, config_hash: str, image: str, *,
     """The gateway: a hardened Deployment whose pod template changes (and so rolls out) with the
     config hash."""
     name = _dns_label(gateway_name(conn.name), "gateway")
+    resources = resources if resources is not None else DEFAULT_RESOURCES
     creds = _credential_volumes([conn])
     volumes = [
         _secret_volume("config", config_secret_name(conn.name)),
@@ -348,14 +349,14 @@ def build_deployment(conn: Connection, config_hash: str, image: str, *,
         "imagePullPolicy": "IfNotPresent",
         "args": ["proxy", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
                  "--admin", f"0.0.0.0:{ADMIN_PORT}", "--audit-dir", AUDIT_DIR, *token_exchange_args([conn]),
-                 *audit_worker_args(resources if resources is not None else DEFAULT_RESOURCES)],
+                 *audit_worker_args(resources)],
         "ports": [
             {"name": "proxy", "containerPort": conn.listen_port, "protocol": "TCP"},
             {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
         ],
         "livenessProbe": _probe("/healthz", "admin", failureThreshold=3),
         "readinessProbe": _probe("/readyz", "admin", failureThreshold=2),
-        "resources": dict(resources if resources is not None else DEFAULT_RESOURCES),
+        "resources": dict(resources),
         "securityContext": _security_context(),
         "volumeMounts": mounts,
     }

@@ -43,6 +43,11 @@ class _PythonFirst(importlib.abc.MetaPathFinder):
         return None if source is None else importlib.util.spec_from_file_location(fullname, source)
 
 
+def source_digests(package_dir: Path) -> dict[str, str | None]:
+    """What the build records and the import compares: each compiled module's source, hashed."""
+    return {name: _digest(package_dir / f"{name}.py") for name in COMPILED}
+
+
 def _digest(source: Path) -> str | None:
     try:
         return hashlib.sha256(source.read_bytes()).hexdigest()
@@ -63,7 +68,8 @@ def _stale(package_dir: Path) -> str | None:
                if not any((package_dir / f"{name}{suffix}").exists() for suffix in suffixes)]
     if missing:
         return f"compiled modules missing beside their build record: {', '.join(missing)} (rebuild: `make native`)"
-    changed = [name for name in COMPILED if built.get(name) != _digest(package_dir / f"{name}.py")]
+    current = source_digests(package_dir)
+    changed = [name for name in COMPILED if current[name] is None or built.get(name) != current[name]]
     if changed:
         return f"sources changed since the native build: {', '.join(changed)} (rebuild: `make native`)"
     return None

@@ -64,8 +64,8 @@ JSONB_OID = 3802
 # Types created in a database (citext, enums) get OIDs from here on; their binary form is, for the
 # ones that hold text, the text itself, so they are treated as text-like.
 FIRST_USER_OID = 16384
-_INT_OIDS: frozenset[int] = frozenset({20, 21, 23})  # int8, int2, int4
-_INT_DIGITS: Mapping[int, int] = MappingProxyType({21: 5, 23: 10, 20: 19})  # most digits of each
+_INT_DIGITS: Mapping[int, int] = MappingProxyType({21: 5, 23: 10, 20: 19})  # int2, int4, int8: most digits
+_INT_OIDS: frozenset[int] = frozenset(_INT_DIGITS)
 _NUMERIC_OID = 1700
 # Arrays of text-like elements: text[], varchar[], bpchar[], name[], "char"[], json[], jsonb[].
 _TEXT_ARRAY_OIDS: frozenset[int] = frozenset({1009, 1015, 1014, 1003, 1002, 199, 3807})
