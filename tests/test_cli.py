@@ -146,6 +146,72 @@ def test_proxy_from_manifests_needs_the_token_signing_key_it_names(tmp_path: Pat
     assert "exchange" in result.stderr and "tls.key" in result.stderr, result.stderr
 
 
+def _exchange_key(path: Path) -> str:
+    """A fresh EC key written to ``path`` (replaced whole, as the kubelet does); its ``kid``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sidegate_proxy.tokenexchange import ExchangeKey
+
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    path.with_name(".tmp").write_bytes(pem)
+    os.replace(path.with_name(".tmp"), path)
+    return ExchangeKey.from_pem(pem).kid
+
+
+def test_proxy_follows_its_token_keys_without_a_restart(tmp_path: Path) -> None:
+    """``--token-signing-key`` and ``--token-verification-key`` files are followed by the running
+    process: the next key is published first, the swap signs with it, the old one stays."""
+    import time
+    import urllib.request
+
+    conn = {"apiVersion": "sidegate.dev/v1alpha1", "kind": "Connection",
+            "metadata": {"name": "orders", "namespace": "payments"},
+            "spec": {"type": "postgres", "target": {"host": "db", "port": 5432, "database": "d"},
+                     "credentials": {"secretRef": {"name": "admin"}}}}
+    admin = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "admin", "namespace": "payments"},
+             "stringData": {"username": "u", "password": "p"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump_all([conn, admin]))
+    (keys := tmp_path / "keys").mkdir()
+    old = _exchange_key(keys / "tls.key")
+    port, admin_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [*SIDEGATE, "proxy", "--manifests", str(tmp_path / "c.yaml"), "--connection", "orders",
+         "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin_port}", "--no-audit-stdout",
+         "--token-signing-key", str(keys / "tls.key"), "--token-verification-key", str(keys / "next.key")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+    def published(expected: list[str]) -> None:
+        deadline, kids = time.monotonic() + 20, None
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/.well-known/jwks.json", timeout=5) as r:
+                kids = [k["kid"] for k in json.load(r)["keys"]]
+            if kids == expected:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"published {kids}, expected {expected}")
+
+    try:
+        wait_port("127.0.0.1", admin_port, timeout=30)
+        published([old])  # next.key does not exist yet: nothing more to trust
+        new = _exchange_key(keys / "next.key")
+        published([old, new])
+        (keys / "tls.key").write_bytes(b"not a key")  # a broken swap: the old key stays
+        time.sleep(3)
+        published([old, new])
+        os.replace(keys / "next.key", keys / "tls.key")
+        published([new, old])  # signs with the new key; the old one is retired, still published
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "tls.key is not usable" in stderr and f"keeping key {old}" in stderr
+    assert f"now signing with key {new}" in stderr and f"key {old} retired" in stderr
+    assert "PRIVATE KEY" not in stderr
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

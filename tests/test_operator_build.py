@@ -500,6 +500,70 @@ def test_missing_or_bad_signing_key_names_the_field() -> None:
     assert signing_key_problem(conn, found) is None
 
 
+ROTATING = {**EXCHANGE, "verificationKeys": ["next.key"]}
+
+
+def test_verification_keys_are_passed_as_files_of_the_mounted_secret() -> None:
+    """The whole Secret is mounted, so a key added to it later is found without a rollout."""
+    gateway = parse_connection(connection(tokenExchange=ROTATING))
+    container = build.build_deployment(gateway, "h", IMAGE)["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--token-verification-key") + 1] == "/var/run/sidegate/secrets/orders-db-exchange/next.key"
+    assert args.count("--token-verification-key") == 1
+    assert any(m["mountPath"] == "/var/run/sidegate/secrets/orders-db-exchange" and m["readOnly"]
+               for m in container["volumeMounts"])
+    assert build.required_secret_keys(gateway)["orders-db-exchange"] == ("tls.key",)  # optional: may be absent
+    sidecar = parse_connection(connection(mode="sidecar", tokenExchange={
+        "signingKeySecretRef": {"name": "exchange", "key": "signing.pem"},
+        "verificationKeys": ["next.pem", "previous.pem"]}))
+    assert build.build_sidecar([sidecar], IMAGE)["args"][-8:] == [
+        "--token-signing-key", "/var/run/sidegate/secrets/exchange/signing.pem",
+        "--token-issuer", "http://127.0.0.1:15090",
+        "--token-verification-key", "/var/run/sidegate/secrets/exchange/next.pem",
+        "--token-verification-key", "/var/run/sidegate/secrets/exchange/previous.pem"]
+    # without the field, nothing changes for existing Connections
+    assert "--token-verification-key" not in build.token_exchange_args([parse_connection(connection(
+        tokenExchange=EXCHANGE))])
+
+
+@pytest.mark.parametrize("keys,words", [
+    (["tls.key"], "is the signing key"),
+    (["next.key", "next.key"], "listed twice"),
+    (["../etc/passwd"], "a key of the signing key's Secret"),
+    ([f"k{i}" for i in range(5)], "at most 4"),
+    ("next.key", "expected a list"),
+])
+def test_verification_keys_are_checked(keys: Any, words: str) -> None:
+    with pytest.raises(ConfigError, match=r"spec\.tokenExchange\.verificationKeys") as err:
+        parse_connection(connection(tokenExchange={**EXCHANGE, "verificationKeys": keys}))
+    assert words in str(err.value)
+
+
+def test_one_sidecar_holds_one_set_of_verification_keys() -> None:
+    found = {
+        "orders-db": connection(mode="sidecar", tokenExchange=ROTATING),
+        "ledger": connection("ledger", mode="sidecar", listen={"port": 15434}, tokenExchange=EXCHANGE),
+    }
+    with pytest.raises(InjectionError, match="different signing keys, verification keys or issuers"):
+        resolve(["orders-db", "ledger"], "payments", found)
+
+
+def test_bad_verification_key_is_reported_an_absent_one_is_not() -> None:
+    from sidegate_operator.connection import signing_key_problem
+
+    conn = parse_connection(connection(tokenExchange=ROTATING))
+    found: dict[str, Any] = {"orders-db-exchange": {"stringData": {"tls.key": pem_key()}}}
+    assert signing_key_problem(conn, found) is None  # next.key absent: nothing to publish yet
+    found["orders-db-exchange"]["stringData"]["next.key"] = "not a key"
+    problem = signing_key_problem(conn, found)
+    assert problem is not None and problem.startswith(
+        "Secret payments/orders-db-exchange key next.key (spec.tokenExchange.verificationKeys[0]): not an "
+        "unencrypted PEM private key")
+    assert "tls.key" not in problem  # the signing key is fine
+    found["orders-db-exchange"]["stringData"]["next.key"] = pem_key()
+    assert signing_key_problem(conn, found) is None
+
+
 def test_signing_key_secret_is_watched_for_the_connection() -> None:
     import kopf
 

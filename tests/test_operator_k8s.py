@@ -594,6 +594,31 @@ async def test_token_signing_key_degrades_until_its_secret_appears(kube: Kube, n
     assert "PRIVATE KEY" not in json.dumps(config_doc(config))
 
 
+async def test_verification_keys_are_checked_and_reach_the_gateway(kube: Kube, ns: str) -> None:
+    for exchange in ({"signingKeySecretRef": {"name": "vk-exchange"}, "verificationKeys": ["tls.key"]},
+                     {"signingKeySecretRef": {"name": "vk-exchange", "key": "a.pem"}, "verificationKeys": ["a.pem"]}):
+        with pytest.raises(KubeError) as err:  # the API server's own CEL rule
+            await kube.apply(connection(ns, "vk", tokenExchange=exchange))
+        assert err.value.status == 422 and "must not list the signing key" in err.value.message
+
+    await kube.apply(credentials(ns, "vk-admin"))
+    secret = signing_key_secret(ns, "vk-exchange")
+    secret["stringData"]["next.key"] = "not a key"
+    await kube.apply(secret)
+    await kube.apply(connection(ns, "vk", tokenExchange={"signingKeySecretRef": {"name": "vk-exchange"},
+                                                          "verificationKeys": ["next.key"]}))
+    conn = await wait_ready(kube, ns, "vk", reason="SecretMissing", status="False")
+    assert "key next.key (spec.tokenExchange.verificationKeys[0])" in ready(conn)["message"]  # type: ignore[index]
+
+    secret["stringData"]["next.key"] = signing_key_pem()
+    await kube.apply(secret)
+    await wait_ready(kube, ns, "vk")
+    dep = await kube.get(resource_path("apps/v1", "Deployment", ns, "vk-sidegate"))
+    assert dep is not None
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--token-verification-key") + 1] == "/var/run/sidegate/secrets/vk-exchange/next.key"
+
+
 async def test_exchanged_token_works_on_the_gateway_the_operator_renders(
     kube: Kube, ns: str, postgres: Any, tmp_path: Path
 ) -> None:
@@ -679,7 +704,7 @@ async def test_exchanged_token_works_on_the_gateway_the_operator_renders(
         status, answer = await exchange(f"{ns}/other")
         assert status == 400 and answer["error"] == "invalid_target"
         forged = jwt.encode({**claims, "aud": f"sidegate:{ns}/pg"}, signing_key_pem(), algorithm="ES256",
-                            headers={"kid": "sidegate-1"})
+                            headers={"kid": jwt.get_unverified_header(token)["kid"]})  # the real key's kid
         refused = await asyncio.to_thread(psql, forged)
         assert refused.returncode != 0
     finally:

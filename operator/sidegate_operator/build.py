@@ -165,19 +165,31 @@ def signing_key_path(conn: Connection) -> str | None:
     return f"{SECRETS_DIR}/{te.signing_key_ref.name}/{te.signing_key_ref.key or DEFAULT_SIGNING_KEY}"
 
 
+def verification_key_paths(conn: Connection) -> tuple[str, ...]:
+    """Where the verification keys will be: in the signing key's Secret volume, which the kubelet
+    updates in place, so a key added to the Secret later is found there without a rollout."""
+    te = conn.token_exchange
+    if te is None:
+        return ()
+    return tuple(f"{SECRETS_DIR}/{te.signing_key_ref.name}/{name}" for name in te.verification_keys)
+
+
 def token_exchange_args(conns: Sequence[Connection]) -> list[str]:
-    """``--token-signing-key FILE --token-issuer URL`` for the proxy process (one key per process:
-    Connections served together must name the same key and issuer)."""
-    chosen = {(signing_key_path(c), token_issuer_url(c)) for c in conns if c.token_exchange is not None}
+    """``--token-signing-key FILE --token-issuer URL [--token-verification-key FILE]...`` for the
+    proxy process (one key set per process: Connections served together must name the same keys
+    and issuer)."""
+    chosen = {(signing_key_path(c), token_issuer_url(c), verification_key_paths(c))
+              for c in conns if c.token_exchange is not None}
     if not chosen:
         return []
     if len(chosen) > 1:
         names = ", ".join(c.name for c in conns if c.token_exchange is not None)
-        raise ConfigError("spec.tokenExchange", f"Connections {names} name different signing keys or "
-                                                "issuers; one proxy holds one")
-    ((path, url),) = chosen
+        raise ConfigError("spec.tokenExchange", f"Connections {names} name different signing keys, "
+                                                "verification keys or issuers; one proxy holds one")
+    ((path, url, verification),) = chosen
     assert path is not None and url is not None
-    return ["--token-signing-key", path, "--token-issuer", url]
+    return ["--token-signing-key", path, "--token-issuer", url,
+            *(arg for v in verification for arg in ("--token-verification-key", v))]
 
 
 def check_token_exchange(conn: Connection) -> None:

@@ -18,7 +18,7 @@ import kopf
 
 from sidegate_proxy.config import DEFAULT_SIGNING_KEY, GROUP, ConfigError, Connection, parse_connection
 from sidegate_proxy.secrets import secret_data
-from sidegate_proxy.tokenexchange import TokenIssuer
+from sidegate_proxy.tokenexchange import ExchangeKey
 
 from . import build
 from .kube import KubeError, OperatorContext, connection_path, owned_by, resource_path
@@ -138,25 +138,31 @@ def missing_secrets(required: Mapping[str, Sequence[str]], found: Mapping[str, M
 
 
 def signing_key_problem(conn: Connection, found: Mapping[str, Mapping[str, Any] | None]) -> str | None:
-    """Why the token-signing key (present, else ``missing_secrets`` says so) would stop the proxy
-    from starting, checked here so a bad key degrades the Connection instead of crash-looping pods."""
+    """Why a token-exchange key in the Secret is unusable: the signing key (present, else
+    ``missing_secrets`` says so) would stop the proxy from starting, checked here so a bad key
+    degrades the Connection instead of crash-looping pods; a bad verification key (optional, the
+    next one in a rotation) is skipped by the proxies, and said here before it is swapped in."""
     te = conn.token_exchange
     obj = found.get(te.signing_key_ref.name) if te is not None else None
     if te is None or obj is None:
         return None
-    key = te.signing_key_ref.key or DEFAULT_SIGNING_KEY
     try:
-        pem = secret_data(obj).get(key)
+        data = secret_data(obj)
     except ValueError:
         return None  # reported by missing_secrets
-    if pem is None:
-        return None
-    try:
-        TokenIssuer(pem, "https://sidegate.invalid", key_id="check")
-    except ConfigError as exc:
-        return (f"Secret {conn.namespace}/{te.signing_key_ref.name} key {key} "
-                f"(spec.tokenExchange.signingKeySecretRef): {exc.message}")
-    return None
+    keys = [("signingKeySecretRef", te.signing_key_ref.key or DEFAULT_SIGNING_KEY),
+            *((f"verificationKeys[{i}]", name) for i, name in enumerate(te.verification_keys))]
+    problems = []
+    for field, key in keys:
+        pem = data.get(key)
+        if pem is None:
+            continue
+        try:
+            ExchangeKey.from_pem(pem)
+        except ConfigError as exc:
+            problems.append(f"Secret {conn.namespace}/{te.signing_key_ref.name} key {key} "
+                            f"(spec.tokenExchange.{field}): {exc.message}")
+    return "; ".join(problems) or None
 
 
 def waiting_for_secret(body: Mapping[str, Any]) -> bool:

@@ -16,10 +16,11 @@ from .manifests import ManifestError, config_from_manifests
 from .runtime import (
     ProxyGroup,
     RuntimeOptions,
-    configured_signing_key,
+    configured_token_keys,
     run_event_loop,
     run_until_signal,
     watch_config,
+    watch_token_keys,
 )
 from .secrets import DirSecretStore, SecretMissing, SecretStore
 
@@ -68,7 +69,12 @@ def proxy_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", metavar="FILE")
     p.add_argument("--token-signing-key", metavar="FILE",
                    help="PEM key that signs exchanged tokens (enables POST /v1/token on the admin port; "
-                        "default: the Secret spec.tokenExchange names)")
+                        "default: the Secret spec.tokenExchange names); followed: a new key signs without "
+                        "a restart, the old one stays trusted for 15 minutes")
+    p.add_argument("--token-verification-key", metavar="FILE", action="append", default=[],
+                   help="PEM key published and trusted for exchanged tokens but never signing (the next key, "
+                        "before it signs); repeatable; an absent file is skipped and followed "
+                        "(default: spec.tokenExchange.verificationKeys)")
     p.add_argument("--token-issuer", metavar="URL",
                    help="issuer URL of exchanged tokens (default: spec.tokenExchange.issuer, "
                         "else https://sidegate.<namespace>.svc)")
@@ -102,7 +108,8 @@ def run_proxy(argv: list[str]) -> int:
             config_paths = [Path(c) for c in args.config]
             configs = [load_config_file(p) for p in config_paths]
             secrets = DirSecretStore(args.secrets_dir or configs[0].secrets_dir or DEFAULT_SECRETS_DIR)
-        signing_key = _read_optional(args.token_signing_key) or configured_signing_key(configs, secrets)
+        token_keys = configured_token_keys(configs, secrets, signing_key_file=args.token_signing_key,
+                                           verification_key_files=args.token_verification_key)
     except (ConfigError, ManifestError, OSError, SecretMissing) as exc:
         print(f"sidegate proxy: {exc}", file=sys.stderr)
         return 1
@@ -119,7 +126,6 @@ def run_proxy(argv: list[str]) -> int:
         audit_process=args.audit_worker,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        token_signing_key=signing_key,
         token_issuer_url=args.token_issuer,
         masking_key=_read_optional(args.masking_key_file),
         kubeconfig=args.kubeconfig,
@@ -131,11 +137,13 @@ def run_proxy(argv: list[str]) -> int:
         return 2
 
     async def main() -> None:
-        group = ProxyGroup(configs, secrets, options)
+        group = ProxyGroup(configs, secrets, options, token_keys=token_keys)
         extra = [
             asyncio.create_task(watch_config(path, runtime, load_config_file))
             for path, runtime in zip(config_paths, group.runtimes, strict=False)
         ]
+        if token_keys is not None:
+            extra.append(asyncio.create_task(watch_token_keys(token_keys)))
         await run_until_signal(group, *extra)
 
     try:

@@ -181,6 +181,7 @@ class TokenExchange:
 
     signing_key_ref: SecretKeyRef
     issuer: str | None = None  # default: where the operator serves it (the gateway Service)
+    verification_keys: tuple[str, ...] = ()  # keys of the same Secret: published and trusted, never signing
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,8 @@ def config_hash(document: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")  # a Secret's data key
+MAX_VERIFICATION_KEYS = 4
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
@@ -506,7 +509,18 @@ def _token_exchange(obj: Any, issuers: Sequence[Issuer]) -> TokenExchange | None
         if issuer is not None and other.issuer == issuer:
             raise ConfigError(f"{path}.issuer", f"also spec.identity.issuers[{i}]; exchanged tokens are "
                                                 "trusted without listing their issuer")
-    return TokenExchange(signing_key_ref=ref, issuer=issuer)
+    verification = _strs(m, "verificationKeys", path)
+    for i, name in enumerate(verification):
+        where = f"{path}.verificationKeys[{i}]"
+        if not _SECRET_KEY.match(name) or len(name) > 253:
+            raise ConfigError(where, "a key of the signing key's Secret ([-._a-zA-Z0-9]+)")
+        if name == ref.key:
+            raise ConfigError(where, f"{name!r} is the signing key")
+        if name in verification[:i]:
+            raise ConfigError(where, f"{name!r} is listed twice")
+    if len(verification) > MAX_VERIFICATION_KEYS:
+        raise ConfigError(f"{path}.verificationKeys", f"at most {MAX_VERIFICATION_KEYS} keys")
+    return TokenExchange(signing_key_ref=ref, issuer=issuer, verification_keys=verification)
 
 
 def parse_guardrail(g: Mapping[str, Any], path: str) -> Guardrail:

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 MAX_TOKEN_BYTES = 16 * 1024
 CACHE_SIZE = 10_000
 CACHE_TTL = 300.0
+DEFAULT_LEEWAY = 30  # seconds of clock skew allowed on exp, nbf and iat
 DEFAULT_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 SA_PREFIX = "system:serviceaccount:"
 
@@ -180,7 +181,7 @@ class Authenticator:
         extra_issuers: Sequence[Issuer] = (),
         session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.time,
-        leeway: int = 30,
+        leeway: int = DEFAULT_LEEWAY,
         key_sources: Mapping[str, KeySource] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         allow_insecure: bool = False,

@@ -16,7 +16,7 @@ import signal
 import socket
 import ssl
 import tempfile
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +28,7 @@ from .admin import admin_app
 from .approvals import ApprovalBroker, pg_approval_hook
 from .audit import AuditError, AuditLog, AuditTrail
 from .auditworker import AuditProcess, AuditRecipe
-from .config import DEFAULT_SIGNING_KEY, ConfigError, ProxyConfig
+from .config import DEFAULT_SIGNING_KEY, ConfigError, ProxyConfig, SecretKeyRef
 from .guardrails import Guard
 from .identity import Authenticator, WorkloadIdentity
 from .kube import KubeClient, KubeConfig, KubeConfigError
@@ -38,7 +38,7 @@ from .metrics import Metrics
 from .policy import Caller, check_access
 from .secrets import SecretMissing, SecretStore
 from .sinks import Sink, sinks_from_config
-from .tokenexchange import ISSUER_NAME, TokenIssuer, token_exchange_routes
+from .tokenexchange import ISSUER_NAME, KeyLoader, TokenIssuer, TokenKeys, token_exchange_routes
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class RuntimeOptions:
     masking_key: bytes | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
-    token_signing_key: bytes | None = None
+    token_signing_key: bytes | None = None  # one fixed key; a followed one is passed as TokenKeys
     token_issuer_url: str | None = None
     workload_token_path: str = DEFAULT_TOKEN_PATH
     kubeconfig: str | None = None  # approvals and Kubernetes Events; default: in-cluster when there
@@ -138,16 +138,19 @@ class ProxyRuntime:
     sessions without dropping the ones already open."""
 
     def __init__(self, config: ProxyConfig, secrets: SecretStore, options: RuntimeOptions | None = None,
-                 *, metrics: Metrics | None = None) -> None:
+                 *, metrics: Metrics | None = None, token_keys: TokenKeys | None = None) -> None:
+        """``token_keys``: the exchange keys (shared by a ``ProxyGroup``, followed by
+        ``watch_token_keys``); default: ``options.token_signing_key``, if any, as a fixed key."""
         self.options = options or RuntimeOptions()
         self.secrets = secrets
         self.metrics = metrics or Metrics()
         self.token_issuer: TokenIssuer | None = None
-        if self.options.token_signing_key:
+        keys = token_keys or fixed_token_keys(self.options)
+        if keys is not None:
             te = config.connection.token_exchange
             url = (self.options.token_issuer_url or (te.issuer if te is not None else None)
                    or f"https://sidegate.{config.connection.namespace}.svc")
-            self.token_issuer = TokenIssuer(self.options.token_signing_key, url, key_id="sidegate-1")
+            self.token_issuer = TokenIssuer(keys, url)
         self.components = self.build(config)
         self.audit: AuditTrail | None = None
         self.kube: KubeClient | None = None
@@ -308,17 +311,40 @@ class ProxyRuntime:
             self._spool_tmp.cleanup()
 
 
-def configured_signing_key(configs: Sequence[ProxyConfig], secrets: SecretStore) -> bytes | None:
-    """The key ``spec.tokenExchange.signingKeySecretRef`` names (when no ``--token-signing-key``
-    is given), read from the Secret store like every other credential."""
-    refs = {c.connection.token_exchange.signing_key_ref for c in configs if c.connection.token_exchange}
-    if not refs:
+def fixed_token_keys(options: RuntimeOptions) -> TokenKeys | None:
+    """``options.token_signing_key`` as keys that never change (tests, embedding)."""
+    return TokenKeys.fixed(options.token_signing_key) if options.token_signing_key else None
+
+
+def configured_token_keys(configs: Sequence[ProxyConfig], secrets: SecretStore, *, signing_key_file: str | None = None,
+                          verification_key_files: Sequence[str] = ()) -> TokenKeys | None:
+    """The exchange keys: ``--token-signing-key`` or else ``spec.tokenExchange.signingKeySecretRef``
+    signs; ``--token-verification-key`` or else ``spec.tokenExchange.verificationKeys`` (keys of the
+    same Secret) are only trusted. Each is read again on every ``reload``; ``None``: no exchange."""
+    declared = {(te.signing_key_ref, te.verification_keys)
+                for c in configs if (te := c.connection.token_exchange) is not None}
+    if len(declared) > 1:
+        raise ConfigError("spec.tokenExchange", "the Connections served here name different signing keys "
+                                                "or verification keys; one proxy holds one set")
+    ref, names = next(iter(declared), (None, ()))
+
+    def in_secret(secret: SecretKeyRef, key: str) -> KeyLoader:
+        return KeyLoader(f"Secret {secret.name} key {key}", lambda: secrets.get(SecretKeyRef(secret.name, key)))
+
+    if signing_key_file is not None:
+        signing = KeyLoader.file(signing_key_file)
+    elif ref is not None:
+        signing = in_secret(ref, ref.key or DEFAULT_SIGNING_KEY)
+    elif verification_key_files:
+        raise ConfigError("--token-verification-key", "needs a signing key (--token-signing-key or "
+                                                       "spec.tokenExchange)")
+    else:
         return None
-    if len(refs) > 1:
-        raise ConfigError("spec.tokenExchange.signingKeySecretRef",
-                          "the Connections served here name different signing keys; one proxy holds one")
-    (ref,) = refs
-    return secrets.get(ref, ref.key or DEFAULT_SIGNING_KEY)
+    if verification_key_files:
+        verification = [KeyLoader.file(f) for f in verification_key_files]
+    else:
+        verification = [in_secret(ref, name) for name in names] if ref is not None else []
+    return TokenKeys(signing, verification)
 
 
 def exchange_routes(runtimes: Sequence[ProxyRuntime]) -> list[web.RouteDef]:
@@ -344,9 +370,11 @@ class ProxyGroup:
     """Several Connections in one process (a sidecar serving ``inject: "a,b"``): one listener and
     one audit chain each, one shared admin port and metrics registry."""
 
-    def __init__(self, configs: Sequence[ProxyConfig], secrets: SecretStore, options: RuntimeOptions) -> None:
+    def __init__(self, configs: Sequence[ProxyConfig], secrets: SecretStore, options: RuntimeOptions,
+                 *, token_keys: TokenKeys | None = None) -> None:
         self.metrics = Metrics()
         self.options = options
+        self.token_keys = token_keys or fixed_token_keys(options)  # one key ring for all, followed once
         several = len(configs) > 1
         # With spec.tokenExchange on some Connections, only those issue and trust exchanged tokens;
         # without it anywhere, --token-signing-key applies to every Connection served here.
@@ -360,10 +388,10 @@ class ProxyGroup:
                     spool_dir=(options.spool_dir / f"{c.connection.namespace}-{c.connection.name}"
                                if several and options.spool_dir is not None else options.spool_dir),
                     instance_id=f"{options.instance_id}/{c.connection.name}" if several else options.instance_id,
-                    token_signing_key=(options.token_signing_key
-                                       if not declared or c.connection.token_exchange is not None else None),
+                    token_signing_key=None,  # the shared self.token_keys, or none for this Connection
                 ),
                 metrics=self.metrics,
+                token_keys=self.token_keys if not declared or c.connection.token_exchange is not None else None,
             )
             for c in configs
         ]
@@ -398,20 +426,39 @@ class ProxyGroup:
             await r.close()
 
 
-async def watch_config(path: Path, runtime: ProxyRuntime, load: Callable[[Path], ProxyConfig],
-                       interval: float = 2.0) -> None:
-    """Reload when the mounted config changes (kubelet swaps Secret volumes atomically)."""
-    last = _stamp(path)
+async def poll(what: str, stamp: Callable[[], Hashable], apply: Callable[[], Awaitable[None]],
+               interval: float = 2.0) -> None:
+    """Run ``apply`` whenever ``stamp()`` changes (mounted files: the kubelet updates Secret and
+    ConfigMap volumes in place, atomically). A failed ``apply`` is logged and what runs is kept;
+    it is tried again on the next change."""
+    last = stamp()
     while True:
         await asyncio.sleep(interval)
-        stamp = _stamp(path)
-        if stamp == last:
+        current = stamp()
+        if current == last:
             continue
-        last = stamp
+        last = current
         try:
-            await runtime.reload(load(path))
+            await apply()
         except (ConfigError, OSError, ValueError) as exc:
-            log.error("config %s not reloaded, keeping the previous one: %s", path, exc)
+            log.error("%s not reloaded, keeping the previous one: %s", what, exc)
+
+
+async def watch_config(path: Path, runtime: ProxyRuntime, load: Callable[[Path], ProxyConfig],
+                       interval: float = 2.0) -> None:
+    """Reload when the mounted config changes."""
+    async def reload() -> None:
+        await runtime.reload(load(path))
+
+    await poll(f"config {path}", lambda: _stamp(path), reload, interval)
+
+
+async def watch_token_keys(keys: TokenKeys, interval: float = 2.0) -> None:
+    """Follow the mounted exchange keys (compared by content): a rotation needs no restart."""
+    async def reload() -> None:
+        keys.reload()
+
+    await poll("token-exchange keys", keys.snapshot, reload, interval)
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

@@ -8,11 +8,16 @@ another issuer. The HTTP side is RFC 8693 (``POST /v1/token``), errors are RFC 6
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import secrets as pysecrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -21,8 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .config import EXCHANGE_ISSUER_NAME, ConfigError, Issuer
-from .identity import Authenticator, AuthError
-from .jwks import StaticJWKS
+from .identity import DEFAULT_LEEWAY, Authenticator, AuthError
+from .jwks import JWK, KeySet, KeySource
 from .policy import Caller
 
 log = logging.getLogger(__name__)
@@ -38,43 +43,246 @@ REQUESTED_TOKEN_TYPES = frozenset({TOKEN_TYPE_JWT, TOKEN_TYPE_ACCESS_TOKEN})
 ORIGINAL_ISSUER_CLAIM = "sidegate.orig_iss"
 ISSUER_NAME = EXCHANGE_ISSUER_NAME  # reserved: no spec.identity issuer may take it
 _EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384"}
+EXCHANGE_ALGORITHMS = ("RS256", *_EC_ALGS.values())
+_THUMBPRINT_MEMBERS = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y")}
+#: How long a key that stopped signing (or being listed) stays trusted: the longest an exchanged
+#: token lives, plus the clock skew verifiers allow past ``exp``.
+RETIRE_AFTER = MAX_TTL + DEFAULT_LEEWAY
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
 def audience_for(connection_ref: str) -> str:
     return f"sidegate:{connection_ref}"
 
 
-class TokenIssuer:
-    """Signs exchanged tokens with the gateway's key (RS256 for RSA, ES256/ES384 for EC)."""
+# --------------------------------------------------------------------------- keys
 
-    def __init__(
-        self,
-        signing_key_pem: bytes,
-        issuer: str,
-        key_id: str,
-        *,
-        clock: Callable[[], float] = time.time,
-        max_ttl: int = MAX_TTL,
-    ) -> None:
+
+def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
+    """RFC 7638: base64url SHA-256 of the key's required members, sorted, without white space.
+    The key names itself, so old and new keys never share a ``kid``."""
+    members = _THUMBPRINT_MEMBERS.get(str(jwk.get("kty")))
+    if members is None:
+        raise ValueError(f"no RFC 7638 thumbprint for key type {jwk.get('kty')!r}")
+    canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True)
+class ExchangeKey:
+    """One usable key pair: the private half signs (when it is the signing key), ``jwk`` is what
+    the JWKS publishes and ``verifier`` what the in-process verifier checks with."""
+
+    private: PrivateKey = field(repr=False)
+    algorithm: str
+    kid: str
+    jwk: Mapping[str, Any]
+    verifier: JWK
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> ExchangeKey:
+        """An unencrypted PEM private key: RSA (at least 2048 bit) or EC P-256/P-384."""
         try:
-            key = serialization.load_pem_private_key(signing_key_pem, password=None)
+            key = serialization.load_pem_private_key(pem, password=None)
         except (ValueError, TypeError) as exc:
             raise ConfigError("signingKey", f"not an unencrypted PEM private key: {exc}") from None
         if isinstance(key, rsa.RSAPrivateKey):
             if key.key_size < 2048:
                 raise ConfigError("signingKey", "RSA keys must be at least 2048 bits")
-            self.algorithm = "RS256"
+            algorithm = "RS256"
         elif isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in _EC_ALGS:
-            self.algorithm = _EC_ALGS[key.curve.name]
+            algorithm = _EC_ALGS[key.curve.name]
         else:
             raise ConfigError("signingKey", "use an RSA (>= 2048 bit) or EC P-256/P-384 key")
-        if not issuer or not key_id:
-            raise ConfigError("issuer", "issuer and key_id are required")
-        self._key = key
-        self.issuer = issuer
-        self.key_id = key_id
+        public = key.public_key()
+        jwk = json.loads(jwt.get_algorithm_by_name(algorithm).to_jwk(public))
+        kid = jwk_thumbprint(jwk)
+        jwk.update({"kid": kid, "alg": algorithm, "use": "sig"})
+        return cls(key, algorithm, kid, jwk, JWK(kid=kid, key=public, alg=algorithm))
+
+
+@dataclass(frozen=True)
+class KeyLoader:
+    """Where one key is read from: read again on every reload, so a rotated Secret is followed.
+    ``read`` raises ``FileNotFoundError`` or ``LookupError`` (``SecretMissing``) when it is absent."""
+
+    name: str  # what the logs call it: a file, or a Secret and key
+    read: Callable[[], bytes]
+
+    @classmethod
+    def file(cls, path: str | Path) -> KeyLoader:
+        return cls(str(path), Path(path).read_bytes)
+
+    @classmethod
+    def fixed(cls, pem: bytes, name: str = "the configured key") -> KeyLoader:
+        return cls(name, lambda: pem)
+
+
+class TokenKeys:
+    """The exchange keys one proxy holds, followed without a restart (``reload``).
+
+    The signing key signs; verification keys (the next key, published before any replica signs
+    with it, or the previous one) are published and trusted but never sign; a key that stops
+    being either is retired: still published and trusted for ``retire_after`` seconds, as long
+    as a token it signed may be accepted, then dropped. A key that cannot be read or used is
+    logged and the key held so far is kept."""
+
+    def __init__(
+        self,
+        signing: KeyLoader,
+        verification: Sequence[KeyLoader] = (),
+        *,
+        clock: Callable[[], float] = time.time,
+        retire_after: float = RETIRE_AFTER,
+    ) -> None:
         self.clock = clock
+        self.retire_after = retire_after
+        self._signing_loader = signing
+        self._verification_loaders = tuple(verification)
+        try:  # without a usable signing key at start, the proxy does not start
+            self._signing = ExchangeKey.from_pem(signing.read())
+        except ConfigError as exc:
+            raise ConfigError(exc.path, f"{signing.name}: {exc.message}") from None
+        self._slots = {v.name: self._load(v, None) for v in self._verification_loaders}
+        self._retired: dict[str, tuple[ExchangeKey, float]] = {}
+        log.info("token exchange: signing with key %s (%s) from %s; verification keys: %s", self._signing.kid,
+                 self._signing.algorithm, signing.name,
+                 ", ".join(f"{k.kid} from {name}" for name, k in self._slots.items() if k is not None) or "none")
+
+    @classmethod
+    def fixed(cls, signing_key_pem: bytes, *, clock: Callable[[], float] = time.time) -> TokenKeys:
+        """One key given as bytes (tests, ``RuntimeOptions.token_signing_key``): nothing to follow."""
+        return cls(KeyLoader.fixed(signing_key_pem), clock=clock)
+
+    @property
+    def signing(self) -> ExchangeKey:
+        return self._signing
+
+    def snapshot(self) -> tuple[str, ...]:
+        """What the key sources hold now, as digests (never the keys): a change means ``reload``."""
+        return tuple(_digest(loader) for loader in (self._signing_loader, *self._verification_loaders))
+
+    def reload(self) -> None:
+        """Read every key again and apply what changed: rotate, publish, retire."""
+        signing = self._load(self._signing_loader, self._signing)
+        assert signing is not None  # the signing key is never dropped, only replaced
+        slots = {v.name: self._load(v, self._slots.get(v.name)) for v in self._verification_loaders}
+        before = self._configured()
+        if signing.kid != self._signing.kid:
+            log.warning("token exchange: now signing with key %s (%s) from %s, was %s", signing.kid,
+                        signing.algorithm, self._signing_loader.name, self._signing.kid)
+        self._signing, self._slots = signing, slots
+        after = self._configured()
+        until = self.clock() + self.retire_after
+        for kid, key in before.items():
+            if kid not in after:
+                self._retired[kid] = (key, until)
+                log.warning("token exchange: key %s retired: published and trusted until %s, when every "
+                            "token it signed has expired", kid, _utc(until))
+        for kid in after:
+            if kid not in before:
+                log.info("token exchange: key %s published and trusted", kid)
+            self._retired.pop(kid, None)
+
+    def _load(self, loader: KeyLoader, held: ExchangeKey | None) -> ExchangeKey | None:
+        """The key ``loader`` holds now; an absent verification key is ``None`` (nothing to trust),
+        anything else unusable keeps ``held``."""
+        signs = loader is self._signing_loader
+        role = "signing key" if signs else "verification key"
+        try:
+            return ExchangeKey.from_pem(loader.read())
+        except (FileNotFoundError, LookupError) as exc:
+            if not signs:
+                return None
+            problem = f"not found ({exc})"
+        except OSError as exc:
+            problem = f"unreadable ({exc})"
+        except ConfigError as exc:
+            problem = f"not usable ({exc.message})"
+        kept = f"keeping key {held.kid}" if held is not None else "not trusted"
+        log.error("token exchange: %s %s is %s; %s", role, loader.name, problem, kept)
+        return held
+
+    def _configured(self) -> dict[str, ExchangeKey]:
+        keys = (self._signing, *(k for k in self._slots.values() if k is not None))
+        return {k.kid: k for k in keys}
+
+    def published(self) -> list[ExchangeKey]:
+        """Every key an accepted token may name now (signing key first); retired keys past their
+        time are dropped here."""
+        now = self.clock()
+        for kid, (_, until) in list(self._retired.items()):
+            if now > until:  # a token valid at this instant is still accepted
+                del self._retired[kid]
+                log.info("token exchange: retired key %s dropped", kid)
+        return list({**self._configured(), **{kid: k for kid, (k, _) in self._retired.items()}}.values())
+
+    def jwks(self) -> dict[str, Any]:
+        """The public JWKS: public halves only."""
+        return {"keys": [dict(k.jwk) for k in self.published()]}
+
+    def keyset(self) -> KeySet:
+        return KeySet(by_kid={k.kid: k.verifier for k in self.published()})
+
+
+def _digest(loader: KeyLoader) -> str:
+    try:
+        return hashlib.sha256(loader.read()).hexdigest()
+    except (OSError, LookupError) as exc:
+        return type(exc).__name__
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+class LiveKeys(KeySource):
+    """What a ``TokenKeys`` holds at this moment, for the in-process verifier: nothing cached, so
+    a rotation, a new verification key or a retirement counts for the very next token."""
+
+    def __init__(self, keys: TokenKeys, name: str) -> None:
+        super().__init__(clock=keys.clock)
+        self._ring = keys
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def _load(self) -> tuple[KeySet, float]:
+        return self._ring.keyset(), float("inf")
+
+    async def key(self, kid: str | None, alg: str) -> JWK | None:
+        return self._ring.keyset().find(kid, alg)
+
+
+class TokenIssuer:
+    """Signs exchanged tokens with the current signing key (RS256 for RSA, ES256/ES384 for EC),
+    naming it by its thumbprint in ``kid``."""
+
+    def __init__(
+        self,
+        keys: TokenKeys | bytes,
+        issuer: str,
+        *,
+        clock: Callable[[], float] | None = None,
+        max_ttl: int = MAX_TTL,
+    ) -> None:
+        """``keys``: the proxy's ``TokenKeys``, or one PEM private key that never changes."""
+        self.keys = keys if isinstance(keys, TokenKeys) else TokenKeys.fixed(keys, clock=clock or time.time)
+        if not issuer:
+            raise ConfigError("issuer", "issuer is required")
+        self.issuer = issuer
+        self.clock = clock or self.keys.clock
         self.max_ttl = min(max_ttl, MAX_TTL)
+
+    @property
+    def algorithm(self) -> str:
+        return self.keys.signing.algorithm
+
+    @property
+    def key_id(self) -> str:
+        return self.keys.signing.kid
 
     def issue(self, caller: Caller, connection: str, ttl: int = MAX_TTL) -> tuple[str, int]:
         """A token for ``connection`` (``namespace/name``) and its lifetime in seconds."""
@@ -97,29 +305,29 @@ class TokenIssuer:
             "jti": pysecrets.token_urlsafe(16),
             ORIGINAL_ISSUER_CLAIM: caller.issuer,
         }
-        token = jwt.encode(claims, self._key, algorithm=self.algorithm, headers={"kid": self.key_id})
+        key = self.keys.signing
+        token = jwt.encode(claims, key.private, algorithm=key.algorithm, headers={"kid": key.kid})
         return token, exp - now
 
     def jwks(self) -> dict[str, Any]:
         """The public JWKS the proxies (or anyone) verify exchanged tokens with."""
-        public = self._key.public_key()
-        alg = jwt.get_algorithm_by_name(self.algorithm)
-        jwk = json.loads(alg.to_jwk(public))
-        jwk.update({"kid": self.key_id, "alg": self.algorithm, "use": "sig"})
-        return {"keys": [jwk]}
+        return self.keys.jwks()
 
-    def key_source(self) -> StaticJWKS:
-        """In-process keys for ``Authenticator(key_sources={ISSUER_NAME: ...})``: no HTTP round trip."""
-        return StaticJWKS(json.dumps(self.jwks()).encode(), source=f"token issuer {self.issuer}")
+    def key_source(self) -> KeySource:
+        """In-process keys for ``Authenticator(key_sources={ISSUER_NAME: ...})``: no HTTP round
+        trip, and always the keys the JWKS publishes."""
+        return LiveKeys(self.keys, f"token issuer {self.issuer}")
 
     def as_issuer(self, connection_ref: str) -> Issuer:
-        """This issuer as the proxies see it: accepted for exactly one Connection."""
+        """This issuer as the proxies see it: accepted for exactly one Connection. Every algorithm
+        a key may have, so a rotation to another key type needs no rebuild (each key is pinned to
+        its own algorithm by ``kid``)."""
         return Issuer(
             name=ISSUER_NAME,
             issuer=self.issuer,
             audiences=(audience_for(connection_ref),),
             groups_claim="groups",
-            algorithms=(self.algorithm,),
+            algorithms=EXCHANGE_ALGORITHMS,
         )
 
 
@@ -239,7 +447,7 @@ def token_exchange_routes(
                 "jwks_uri": f"{base}/.well-known/jwks.json",
                 "token_endpoint": f"{base}/v1/token",
                 "grant_types_supported": [GRANT_TYPE],
-                "id_token_signing_alg_values_supported": [issuer.algorithm],
+                "id_token_signing_alg_values_supported": sorted({k.algorithm for k in issuer.keys.published()}),
             },
             headers={"Cache-Control": "public, max-age=300"},
         )
