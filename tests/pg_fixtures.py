@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from oidc_issuer import OIDCIssuer
-from sidegate_proxy.audit import AuditEvent, AuditLog
+from sidegate_proxy.audit import AuditEvent, AuditLog, CommandTemplate
 from sidegate_proxy.config import ProxyConfig, build_config
 from sidegate_proxy.guardrails import Guard
 from sidegate_proxy.identity import Authenticator
@@ -258,6 +258,11 @@ class RecordingAuditLog(AuditLog):
         assert isinstance(event, AuditEvent)
         self.events.append(event)
         return super().emit_nowait(event)
+
+    def emit_run_nowait(self, template: CommandTemplate, sql: str, time: float, duration_ms: float | None,
+                        rows: int | None, masked: Mapping[str, int]) -> None:
+        self.events.append(template.run(sql, time, duration_ms, rows, masked))
+        super().emit_run_nowait(template, sql, time, duration_ms, rows, masked)
 
     async def emit(self, event: AuditEvent | Mapping[str, Any]) -> dict[str, Any]:
         assert isinstance(event, AuditEvent)

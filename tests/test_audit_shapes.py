@@ -22,6 +22,7 @@ from sidegate_proxy.audit import (
     AuditEvent,
     AuditLog,
     Chain,
+    CommandTemplate,
     canonical_json,
     command_event,
     http_request_event,
@@ -119,6 +120,61 @@ def test_siblings_reuse_the_shape_and_still_match(event: AuditEvent, changes: li
     for change in [{}, *changes]:
         sibling = event._replace(**change)
         assert fast.seal_event(sibling) == generic.seal(ocsf_event(sibling))
+
+
+runs = st.fixed_dictionaries({
+    "sql": texts | st.sampled_from(["ALTER ROLE bob PASSWORD 'hunter2'", "SELECT 'x' -- password"]),
+    "time": st.floats(0, 4e9),
+    "duration_ms": st.none() | st.floats(0, 1e7),
+    "rows": st.none() | small_ints,
+    "masked": st.dictionaries(texts, st.integers(0, 10**6), max_size=2),
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(events, st.lists(runs, min_size=1, max_size=5))
+def test_template_runs_write_what_whole_events_write(event: AuditEvent, changes: list[dict[str, Any]]) -> None:
+    """``seal_run`` (the per-statement hot path) gives each run the line ``seal_event`` gives its
+    whole event, including after the template's shapes are memoised and for shapeless events."""
+    template = CommandTemplate(event._replace(kind="command", connection_type="postgres", command="", time=0.0,
+                                              duration_ms=None, rows=None, masked={}))
+    fast, generic = Chain("c", seq=41), Chain("c", seq=41)
+    for change in changes * 2:
+        line = fast.seal_run(template, **change)
+        assert line == generic.seal(ocsf_event(template.run(**change)))[1]
+        assert (fast.seq, fast.last_hash) == (generic.seq, generic.last_hash)
+
+
+def test_template_run_is_the_event_command_event_builds() -> None:
+    pg: dict[str, Any] = {"session_id": "s", "connection": "ns/db", "connection_type": "postgres",
+                          "caller": None, "decision": "allow", "command_class": "alter",
+                          "client": "10.0.0.1:5000", "target": "db:5432"}
+    template = CommandTemplate(command_event(**pg, command="", time=0.0))
+    for sql in ("ALTER ROLE bob PASSWORD 'x'", "SELECT 1", "SELECT '" + "x" * audit.MAX_COMMAND + "'"):
+        for masked in ({}, {"emails": 2}):
+            assert template.run(sql, 5.0, 1.5, 3, masked) == command_event(
+                **pg, command=sql, time=5.0, duration_ms=1.5, rows=3, masked=masked)
+    with pytest.raises(ValueError):
+        CommandTemplate(command_event(**{**pg, "connection_type": "http"}, command="GET /"))
+
+
+async def test_template_runs_spool_a_verifiable_chain(tmp_path: Path) -> None:
+    caller = Caller("system:serviceaccount:ci:deployer", "https://kubernetes.default.svc", frozenset({"ci"}))
+    log = AuditLog(tmp_path / "spool", [], KEY, "pod-a", checkpoint_every=5, fsync=False)
+    await log.start()
+    template = CommandTemplate(command_event(session_id="s-1", connection="ns/db", connection_type="postgres",
+                                             caller=caller, command="", decision="allow", time=0.0))
+    for i in range(12):
+        log.emit_run_nowait(template, f"SELECT {i}", 1714564800.0 + i, 0.25 * i, i, {"emails": i} if i % 2 else {})
+    await log.close()
+    segments = sorted((tmp_path / "spool").glob("segment-*.jsonl"))
+    lines = [line for seg in segments for line in seg.read_text().splitlines()]
+    report = verify_lines(lines, keys=[load_key(KEY)])
+    assert report.ok, report.problems
+    commands = [json.loads(line) for line in lines if json.loads(line)["class_uid"] != 0]
+    assert [c["query_info"]["query_string"] for c in commands] == [f"SELECT {i}" for i in range(12)]
+    assert [c["unmapped"]["rows"] for c in commands] == list(range(12))
+    assert [c["unmapped"].get("masked") for c in commands[:2]] == [None, {"emails": 1}]
 
 
 @pytest.mark.parametrize(

@@ -189,6 +189,17 @@ def redact_statement(sql: str) -> str:
     return "".join(out)
 
 
+def sql_evidence(sql: str) -> str:
+    """A statement as the audit records it: password literals redacted, length bounded."""
+    return _truncated(redact_statement(sql))
+
+
+def _truncated(command: str) -> str:
+    if len(command) > MAX_COMMAND:
+        return command[:MAX_COMMAND] + f"... [{len(command) - MAX_COMMAND} more characters]"
+    return command
+
+
 def redact_request_target(target: str) -> str:
     """An HTTP request target with query values hidden (tokens travel in query strings)."""
     parts = urlsplit(target)
@@ -321,13 +332,11 @@ def command_event(
     """
     action, rule, reason = _decision(decision, rule, reason)
     if connection_type == "postgres":
-        command = redact_statement(command)
+        command = sql_evidence(command)
     else:
         method, _, path = command.partition(" ")
-        command = f"{method.upper()} {redact_request_target(path)}"
+        command = _truncated(f"{method.upper()} {redact_request_target(path)}")
         command_class = command_class or method.lower()
-    if len(command) > MAX_COMMAND:
-        command = command[:MAX_COMMAND] + f"... [{len(command) - MAX_COMMAND} more characters]"
     return AuditEvent(
         kind="command", time=_time.time() if time is None else time, session_id=session_id,
         connection=connection, connection_type=connection_type, caller=caller, client=client,
@@ -467,23 +476,35 @@ class _Values(NamedTuple):
     masked: dict[str, int] | None
 
 
-def _event_values(event: AuditEvent) -> _Values:
-    """The per-event values of ``event``'s record, computed once for the dict and the JSON line."""
-    ms = round(event.time * 1000)
-    query = method = path = query_string = None
-    if event.command is not None:
-        if event.connection_type == "postgres":
-            query = event.command
-        else:
-            method, _, target = event.command.partition(" ")
-            path, _, q = target.partition("?")
-            query_string = q or None
+_CommandValues = tuple[str | None, str | None, str | None, str | None]
+
+
+def _command_values(event: AuditEvent) -> _CommandValues:
+    """``_Values``' (query, method, path, query_string): what the event's command becomes."""
+    if event.command is None:
+        return None, None, None, None
+    if event.connection_type == "postgres":
+        return event.command, None, None, None
+    method, _, target = event.command.partition(" ")
+    path, _, q = target.partition("?")
+    return None, method, path, q or None
+
+
+def _run_values(event: AuditEvent, command: _CommandValues, time: float, duration_ms: float | None,
+                rows: int | None, masked: Mapping[str, int]) -> _Values:
+    """The per-event values of a record: the command's, then one run's."""
+    ms = round(time * 1000)
     return _Values(
         ms, _rfc3339_ms(ms), event.session_id,
-        None if event.duration_ms is None else round(event.duration_ms),
-        query, method, path, query_string, event.rows,
-        {str(k): int(v) for k, v in event.masked.items()} if event.masked else None,
+        None if duration_ms is None else round(duration_ms),
+        *command, rows,
+        {str(k): int(v) for k, v in masked.items()} if masked else None,
     )
+
+
+def _event_values(event: AuditEvent) -> _Values:
+    """The per-event values of ``event``'s record, computed once for the dict and the JSON line."""
+    return _run_values(event, _command_values(event), event.time, event.duration_ms, event.rows, event.masked)
 
 
 def ocsf_event(event: AuditEvent) -> dict[str, Any]:
@@ -760,6 +781,31 @@ def _shape_for(event: AuditEvent, filled: Sequence[Any]) -> _Shape | None:
     return shape
 
 
+class CommandTemplate:
+    """What the SQL statements a session runs with one decision and outcome audit alike.
+
+    A front end builds it once (``command_event`` with no statement, time, rows, duration or
+    masks) and hands each run to ``AuditTrail.emit_run_nowait``: the record is filled in from the
+    template's memoised shapes, with no event, values or shape key built per statement. The
+    bytes are those of ``emit_nowait(template.run(...))`` (tests/test_audit_shapes.py).
+    """
+
+    __slots__ = ("event", "shapes")
+
+    def __init__(self, event: AuditEvent) -> None:
+        if event.connection_type != "postgres":
+            raise ValueError("command templates are for SQL statements")
+        self.event = event
+        # by which of (duration, rows, masks) a run lacks: the only slot types that vary per run
+        self.shapes: dict[tuple[bool, bool, bool], _Shape | None] = {}
+
+    def run(self, sql: str, time: float, duration_ms: float | None, rows: int | None,
+            masked: Mapping[str, int]) -> AuditEvent:
+        """The whole event of one run, as ``command_event`` would have built it."""
+        return self.event._replace(command=sql_evidence(sql), time=time, duration_ms=duration_ms, rows=rows,
+                                   masked=dict(masked) if masked else {})
+
+
 @dataclass(frozen=True)
 class ChainHead:
     chain_id: str
@@ -835,6 +881,22 @@ class Chain:
         record["hash"] = digest
         return record, line
 
+    def seal_run(self, template: CommandTemplate, sql: str, time: float, duration_ms: float | None,
+                 rows: int | None, masked: Mapping[str, int]) -> bytes:
+        """The spool line of ``seal_event(template.run(...))``, without the event or its record."""
+        event = template.event
+        values = _run_values(event, (sql_evidence(sql), None, None, None), time, duration_ms, rows, masked)
+        position = self._position()
+        filled = (*values, *position)
+        key = (duration_ms is None, rows is None, not masked)
+        try:
+            shape = template.shapes[key]
+        except KeyError:
+            shape = template.shapes[key] = _shape_for(event, filled)
+        if shape is None:
+            return self.seal(_ocsf_record(event, values))[1]
+        return self._link(position[1], shape.body(filled))[1]
+
     def checkpoint(self, now: float) -> dict[str, Any]:
         """A Base Event vouching (HMAC and/or Ed25519) for the chain up to the current head."""
         message = checkpoint_message(self.chain_id, self.seq, self.last_hash)
@@ -903,6 +965,11 @@ class AuditTrail(Protocol):
 
     def emit(self, event: AuditEvent | Mapping[str, Any]) -> Awaitable[dict[str, Any]]:
         """The sealed record, once durable (before answering a blocked or held command)."""
+        ...
+
+    def emit_run_nowait(self, template: CommandTemplate, sql: str, time: float, duration_ms: float | None,
+                        rows: int | None, masked: Mapping[str, int]) -> None:
+        """``emit_nowait(template.run(...))``, for the per-statement hot path."""
         ...
 
     async def flush(self) -> None: ...
@@ -1018,20 +1085,34 @@ class AuditLog:
         if self._writer is not None:
             await self._writer.flush()
 
+    def emit_run_nowait(self, template: CommandTemplate, sql: str, time: float, duration_ms: float | None,
+                        rows: int | None, masked: Mapping[str, int]) -> None:
+        """``emit_nowait(template.run(...))`` with the same line, minus the event and the record."""
+        self._queue(self._running_chain().seal_run(template, sql, time, duration_ms, rows, masked), False)
+
+    def _running_chain(self) -> Chain:
+        if self._writer is None or self._closed:
+            raise AuditError("AuditLog is not running")
+        return self.chain
+
     def _append(
         self, event: AuditEvent | Mapping[str, Any], urgent: bool
     ) -> tuple[dict[str, Any], asyncio.Future[None]]:
-        if self._writer is None or self._closed:
-            raise AuditError("AuditLog is not running")
+        chain = self._running_chain()
         if isinstance(event, AuditEvent):
-            record, line = self.chain.seal_event(event)
+            record, line = chain.seal_event(event)
         else:
-            record, line = self.chain.seal(dict(event))
+            record, line = chain.seal(dict(event))
+        return record, self._queue(line, urgent)
+
+    def _queue(self, line: bytes, urgent: bool) -> asyncio.Future[None]:
+        """Spool a sealed line; every ``checkpoint_every`` lines, a signed checkpoint follows."""
+        assert self._writer is not None
         committed = self._writer.append(line, urgent=urgent)
         self._since_checkpoint += 1
         if self.chain.signs and self._since_checkpoint >= self._checkpoint_every:
             self._checkpoint()
-        return record, committed
+        return committed
 
     def _checkpoint(self) -> None:
         if self._writer is None:

@@ -39,7 +39,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
-from .audit import AuditError, AuditEvent, AuditLog
+from .audit import AuditError, AuditEvent, AuditLog, CommandTemplate
 from .policy import ApprovalRef, Caller
 from .sinks import Sink
 
@@ -140,6 +140,11 @@ class AuditProcess:
         self._batch.append(event)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.batch_interval, self._send_batch)
+
+    def emit_run_nowait(self, template: CommandTemplate, sql: str, time: float, duration_ms: float | None,
+                        rows: int | None, masked: Mapping[str, int]) -> None:
+        """The worker seals whole events: the run's is built here."""
+        self.emit_nowait(template.run(sql, time, duration_ms, rows, masked))
 
     def emit(self, event: Event) -> Awaitable[dict[str, Any]]:
         """The event's place in the chain is taken now (after everything queued before it)."""

@@ -43,11 +43,11 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from . import pgwire
-from .audit import AuditTrail, command_event, session_end, session_start
+from .audit import AuditTrail, CommandTemplate, command_event, session_end, session_start
 from .config import Connection, ProxyConfig
 from .guardrails import Guard, SQLVerdict
 from .httpproxy import upstream_ssl
@@ -109,6 +109,7 @@ SAFE_ENCODINGS = frozenset({"UTF8", "UTF-8", "UNICODE", "SQL_ASCII"})
 POISON_SQL = "sidegate: statement blocked by the gateway"
 CANCELLED_RULE = "client-cancel"  # the rule of a statement the client cancelled while it was held
 MAX_PLANS_PER_SESSION = 256  # cached masking plans (result shapes) per session
+MAX_AUDIT_TEMPLATES = 16  # audit templates a session keeps (by decision, class and outcome)
 
 
 class UpstreamError(Exception):
@@ -337,38 +338,62 @@ ApprovalHook = Callable[["Session", str, SQLVerdict], Awaitable[Decision]]
 # --------------------------------------------------------------------------- expectations
 
 
-@dataclass(slots=True)
+# Per-request bookkeeping, made for every statement: plain classes with written-out initialisers,
+# which the compiled data plane runs natively (a dataclass-generated one runs as Python).
+
+
 class _Statement:
-    sql: str
-    verdict: SQLVerdict
-    decision: Decision  # what allowed it: the guardrail's verdict, or an approval
-    command_class: str | None  # for the audit of each execution, worked out once
+    __slots__ = ("command_class", "decision", "sql", "verdict")
+
+    def __init__(self, sql: str, verdict: SQLVerdict, decision: Decision, command_class: str | None) -> None:
+        self.sql = sql
+        self.verdict = verdict
+        self.decision = decision  # what allowed it: the guardrail's verdict, or an approval
+        self.command_class = command_class  # for the audit of each execution, worked out once
 
 
-@dataclass(slots=True)
 class _Portal:
-    statement: _Statement | None
-    formats: tuple[int, ...]
-    plan: ColumnPlan | None = None
-    plan_on_describe: bool = False  # planned from the client's Describe, not an injected one
+    __slots__ = ("formats", "plan", "plan_on_describe", "statement")
+
+    def __init__(self, statement: _Statement | None, formats: tuple[int, ...]) -> None:
+        self.statement = statement
+        self.formats = formats
+        self.plan: ColumnPlan | None = None
+        self.plan_on_describe = False  # planned from the client's Describe, not an injected one
 
 
-@dataclass(slots=True)
 class _Pending:
     """A request sent upstream whose responses are still to come."""
 
-    kind: str  # query parse bind describe inject execute close sync
-    replace_error: bytes | None = None  # poison: the upstream's error is replaced by this one
-    portal: _Portal | None = None
-    describe_portal: str | None = None
-    started: float = field(default_factory=time.perf_counter)
-    # simple Query bookkeeping
-    verdict: SQLVerdict | None = None
-    decision: Decision | None = None
-    index: int = 0
-    plan: ColumnPlan | None = None
-    masked: dict[str, int] = field(default_factory=dict)
-    copy_scan: bool = False
+    __slots__ = (
+        "copy_scan",
+        "decision",
+        "describe_portal",
+        "index",
+        "kind",
+        "masked",
+        "plan",
+        "portal",
+        "replace_error",
+        "started",
+        "verdict",
+    )
+
+    def __init__(self, kind: str, replace_error: bytes | None = None, portal: _Portal | None = None,
+                 describe_portal: str | None = None, verdict: SQLVerdict | None = None,
+                 decision: Decision | None = None) -> None:
+        self.kind = kind  # query parse bind describe inject execute close sync
+        self.replace_error = replace_error  # poison: the upstream's error is replaced by this one
+        self.portal = portal
+        self.describe_portal = describe_portal
+        self.started = time.perf_counter()
+        # simple Query bookkeeping
+        self.verdict = verdict
+        self.decision = decision
+        self.index = 0
+        self.plan: ColumnPlan | None = None
+        self.masked: dict[str, int] = {}
+        self.copy_scan = False
 
 
 # Requests whose answer is one fixed acknowledgement carry no state of their own: one shared,
@@ -502,6 +527,7 @@ class Session:
         self._plans: dict[bytes, tuple[ColumnPlan | None, int, float]] = {}
         self._target_str: str | None = None
         # finished statements, audited once the server loop has written their responses
+        self._audit_templates: list[tuple[Decision, CommandTemplate]] = []
         self._completed: list[tuple[str, Decision, str | None, dict[str, int], int | None, str | None, float]] = []
         # relay state (``_relay``): one entry per side, CLIENT then SERVER
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1319,17 +1345,35 @@ class Session:
 
     def _emit_command(self, text: str, decision: Decision, command_class: str | None, masked: dict[str, int],
                       rows: int | None, sqlstate: str | None, elapsed: float) -> None:
-        self._audit_nowait(command_event(
-            session_id=self.id, connection=self.connection.ref, connection_type=PROTOCOL, caller=self.caller,
-            command=text, decision=decision, command_class=command_class, masked=masked, rows=rows,
-            duration_ms=elapsed * 1000, sqlstate=sqlstate, client=self.client, target=self._target(),
-            database=self.database,
-        ))
+        try:
+            self.server.audit.emit_run_nowait(self._command_template(decision, command_class, sqlstate),
+                                              text, time.time(), elapsed * 1000, rows, masked)
+        except Exception:
+            log.exception("audit event lost for session %s", self.id)
         if self.server.metrics:
             self._metric("commands", decision.action).inc()
             self._metric("latency").observe(elapsed)
             for rule, n in masked.items():
                 self._metric("masked", rule).inc(n)
+
+    def _command_template(self, decision: Decision, command_class: str | None,
+                          sqlstate: str | None) -> CommandTemplate:
+        """What the audit events of this session's statements with this decision, class and
+        outcome share: a handful per session, each made once."""
+        for made_for, template in self._audit_templates:
+            event = template.event
+            if ((made_for is decision or made_for == decision) and event.command_class == command_class
+                    and event.sqlstate == sqlstate):
+                return template
+        template = CommandTemplate(command_event(
+            session_id=self.id, connection=self.connection.ref, connection_type=PROTOCOL, caller=self.caller,
+            command="", decision=decision, command_class=command_class, sqlstate=sqlstate,
+            client=self.client, target=self._target(), database=self.database, time=0.0,
+        ))
+        if len(self._audit_templates) >= MAX_AUDIT_TEMPLATES:
+            self._audit_templates.pop(0)
+        self._audit_templates.append((decision, template))
+        return template
 
     def _on_execute_response(self, p: _Pending, msg: Message) -> None:
         if type(msg) is CommandComplete or type(msg) is EmptyQueryResponse or type(msg) is PortalSuspended:

@@ -16,6 +16,7 @@ import functools
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 __all__ = [
     "CANCEL_REQUEST_CODE",
@@ -35,6 +36,7 @@ CANCEL_REQUEST_CODE = 80877102
 PROTOCOL_3 = 196608  # 3.0
 MAX_MESSAGE = 1 << 30  # PostgreSQL's own limit for one message (MaxAllocSize)
 MAX_STARTUP = 10_000  # MAX_STARTUP_PACKET_LENGTH in postmaster.c
+_NO_FIELDS: Mapping[str, str] = MappingProxyType({})
 
 _I32 = struct.Struct("!i")
 _I16 = struct.Struct("!h")
@@ -154,11 +156,19 @@ def _cstr(s: str | bytes) -> bytes:
 # --------------------------------------------------------------------------- messages
 
 
-@dataclass(slots=True)
+# The messages keep ``@dataclass`` for equality and repr, but each writes its own ``__init__``:
+# the compiled data plane builds one per frame, and a dataclass-generated initialiser would
+# run as interpreted Python every time (mypyc compiles only the methods written here).
+
+
+@dataclass(slots=True, init=False)
 class Message:
     """Any message; ``raw`` is the complete frame as received (type byte, length, body)."""
 
     raw: bytes = field(repr=False)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
 
     @property
     def type(self) -> bytes:
@@ -169,7 +179,7 @@ class Message:
         return memoryview(self.raw)[5:]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Raw(Message):
     """A message passed through without interpretation."""
 
@@ -177,26 +187,36 @@ class Raw(Message):
 # ---- startup phase (untyped frames, client to server)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class SSLRequest(Message):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class GSSENCRequest(Message):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class CancelRequest(Message):
     pid: int = 0
     secret: int = 0
 
+    def __init__(self, raw: bytes, pid: int = 0, secret: int = 0) -> None:
+        self.raw = raw
+        self.pid = pid
+        self.secret = secret
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class StartupMessage(Message):
     version: int = PROTOCOL_3
     params: Mapping[str, str] = field(default_factory=dict)
+
+    def __init__(self, raw: bytes, version: int = PROTOCOL_3, params: Mapping[str, str] = _NO_FIELDS) -> None:
+        self.raw = raw
+        self.version = version
+        self.params = params
 
     @property
     def minor(self) -> int:
@@ -206,25 +226,51 @@ class StartupMessage(Message):
 # ---- frontend (client to server)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Query(Message):
     sql: str = ""
 
+    def __init__(self, raw: bytes, sql: str = "") -> None:
+        self.raw = raw
+        self.sql = sql
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class Parse(Message):
     name: str = ""
     sql: str = ""
     param_types: tuple[int, ...] = ()
 
+    def __init__(self, raw: bytes, name: str = "", sql: str = "", param_types: tuple[int, ...] = ()) -> None:
+        self.raw = raw
+        self.name = name
+        self.sql = sql
+        self.param_types = param_types
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class Bind(Message):
     portal: str = ""
     statement: str = ""
     param_formats: tuple[int, ...] = ()
     params: tuple[bytes | None, ...] = ()
     result_formats: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        raw: bytes,
+        portal: str = "",
+        statement: str = "",
+        param_formats: tuple[int, ...] = (),
+        params: tuple[bytes | None, ...] = (),
+        result_formats: tuple[int, ...] = (),
+    ) -> None:
+        self.raw = raw
+        self.portal = portal
+        self.statement = statement
+        self.param_formats = param_formats
+        self.params = params
+        self.result_formats = result_formats
 
     def result_format(self, column: int) -> int:
         """The format code of result column ``column`` (one code applies to all)."""
@@ -234,62 +280,81 @@ class Bind(Message):
         return f[0] if len(f) == 1 else f[column] if column < len(f) else 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Describe(Message):
     kind: str = "S"  # S: statement, P: portal
     name: str = ""
 
+    def __init__(self, raw: bytes, kind: str = "S", name: str = "") -> None:
+        self.raw = raw
+        self.kind = kind
+        self.name = name
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class Execute(Message):
     portal: str = ""
     max_rows: int = 0
 
+    def __init__(self, raw: bytes, portal: str = "", max_rows: int = 0) -> None:
+        self.raw = raw
+        self.portal = portal
+        self.max_rows = max_rows
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class Close(Message):
     kind: str = "S"
     name: str = ""
 
+    def __init__(self, raw: bytes, kind: str = "S", name: str = "") -> None:
+        self.raw = raw
+        self.kind = kind
+        self.name = name
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class Sync(Message):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Flush(Message):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Terminate(Message):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class FunctionCall(Message):
     """The fast-path interface: calls a function by OID, with no SQL a guardrail could see."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class CopyData(Message):
     @property
     def data(self) -> memoryview:
         return self.body
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class CopyDone(Message):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class CopyFail(Message):
     message: str = ""
 
+    def __init__(self, raw: bytes, message: str = "") -> None:
+        self.raw = raw
+        self.message = message
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class PasswordMessage(Message):
     """'p': a cleartext/md5 password, or a SASL (initial) response: the meaning is contextual."""
 
@@ -303,27 +368,46 @@ class PasswordMessage(Message):
 # ---- backend (server to client)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Authentication(Message):
     code: int = 0
     data: bytes = b""
 
+    def __init__(self, raw: bytes, code: int = 0, data: bytes = b"") -> None:
+        self.raw = raw
+        self.code = code
+        self.data = data
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class ParameterStatus(Message):
     name: str = ""
     value: str = ""
 
+    def __init__(self, raw: bytes, name: str = "", value: str = "") -> None:
+        self.raw = raw
+        self.name = name
+        self.value = value
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class BackendKeyData(Message):
     pid: int = 0
     secret: int = 0
 
+    def __init__(self, raw: bytes, pid: int = 0, secret: int = 0) -> None:
+        self.raw = raw
+        self.pid = pid
+        self.secret = secret
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class ReadyForQuery(Message):
     status: bytes = b"I"  # I idle, T in transaction, E failed transaction
+
+    def __init__(self, raw: bytes, status: bytes = b"I") -> None:
+        self.raw = raw
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)  # shared by memoised RowDescriptions: must stay immutable
@@ -337,12 +421,16 @@ class Field:
     format: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class RowDescription(Message):
     fields: tuple[Field, ...] = ()
 
+    def __init__(self, raw: bytes, fields: tuple[Field, ...] = ()) -> None:
+        self.raw = raw
+        self.fields = fields
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class DataRow(Message):
     """Decoded lazily: ``values()`` walks the frame only when a row has to be rewritten."""
 
@@ -350,9 +438,13 @@ class DataRow(Message):
         return decode_data_row(self.raw)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class CommandComplete(Message):
     tag: str = ""
+
+    def __init__(self, raw: bytes, tag: str = "") -> None:
+        self.raw = raw
+        self.tag = tag
 
     @property
     def rows(self) -> int | None:
@@ -361,9 +453,13 @@ class CommandComplete(Message):
         return int(last) if last.isdigit() and " " in self.tag else None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ErrorResponse(Message):
     fields: Mapping[str, str] = field(default_factory=dict)
+
+    def __init__(self, raw: bytes, fields: Mapping[str, str] = _NO_FIELDS) -> None:
+        self.raw = raw
+        self.fields = fields
 
     @property
     def sqlstate(self) -> str:
@@ -378,59 +474,74 @@ class ErrorResponse(Message):
         return self.fields.get("M", "")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class NoticeResponse(ErrorResponse):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class NotificationResponse(Message):
     pid: int = 0
     channel: str = ""
     payload: str = ""
 
+    def __init__(self, raw: bytes, pid: int = 0, channel: str = "", payload: str = "") -> None:
+        self.raw = raw
+        self.pid = pid
+        self.channel = channel
+        self.payload = payload
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class CopyResponse(Message):
     """CopyInResponse ('G'), CopyOutResponse ('H') or CopyBothResponse ('W')."""
 
     format: int = 0
     column_formats: tuple[int, ...] = ()
 
+    def __init__(self, raw: bytes, format: int = 0, column_formats: tuple[int, ...] = ()) -> None:
+        self.raw = raw
+        self.format = format
+        self.column_formats = column_formats
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class ParseComplete(Message):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class BindComplete(Message):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class CloseComplete(Message):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class NoData(Message):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class PortalSuspended(Message):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class EmptyQueryResponse(Message):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ParameterDescription(Message):
     type_oids: tuple[int, ...] = ()
+
+    def __init__(self, raw: bytes, type_oids: tuple[int, ...] = ()) -> None:
+        self.raw = raw
+        self.type_oids = type_oids
 
 
 # --------------------------------------------------------------------------- decoders
