@@ -126,7 +126,7 @@ runs = st.fixed_dictionaries({
     "sql": texts | st.sampled_from(["ALTER ROLE bob PASSWORD 'hunter2'", "SELECT 'x' -- password"]),
     "time": st.floats(0, 4e9),
     "duration_ms": st.none() | st.floats(0, 1e7),
-    "rows": st.none() | small_ints,
+    "rows": st.none() | small_ints | st.booleans(),
     "masked": st.dictionaries(texts, st.integers(0, 10**6), max_size=2),
 })
 

@@ -796,8 +796,8 @@ class CommandTemplate:
         if event.connection_type != "postgres":
             raise ValueError("command templates are for SQL statements")
         self.event = event
-        # by which of (duration, rows, masks) a run lacks: the only slot types that vary per run
-        self.shapes: dict[tuple[bool, bool, bool], _Shape | None] = {}
+        # by the types of the run's values (the statement and time are always str and int)
+        self.shapes: dict[tuple[bool, type, bool], _Shape | None] = {}
 
     def run(self, sql: str, time: float, duration_ms: float | None, rows: int | None,
             masked: Mapping[str, int]) -> AuditEvent:
@@ -888,7 +888,7 @@ class Chain:
         values = _run_values(event, (sql_evidence(sql), None, None, None), time, duration_ms, rows, masked)
         position = self._position()
         filled = (*values, *position)
-        key = (duration_ms is None, rows is None, not masked)
+        key = (duration_ms is None, type(rows), not masked)  # a bool row count must not share an int's shape
         try:
             shape = template.shapes[key]
         except KeyError:
