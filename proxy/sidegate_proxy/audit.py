@@ -189,6 +189,7 @@ def redact_statement(sql: str) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=256)  # a session's statements repeat: prepared ones are the same text
 def sql_evidence(sql: str) -> str:
     """A statement as the audit records it: password literals redacted, length bounded."""
     return _truncated(redact_statement(sql))
@@ -477,6 +478,8 @@ class _Values(NamedTuple):
 
 
 _CommandValues = tuple[str | None, str | None, str | None, str | None]
+# ``_Values`` from a tuple in one C call: the class's own ``__new__`` is interpreted Python.
+_new_values: Callable[[tuple[Any, ...]], _Values] = functools.partial(tuple.__new__, _Values)
 
 
 def _command_values(event: AuditEvent) -> _CommandValues:
@@ -494,12 +497,12 @@ def _run_values(event: AuditEvent, command: _CommandValues, time: float, duratio
                 rows: int | None, masked: Mapping[str, int]) -> _Values:
     """The per-event values of a record: the command's, then one run's."""
     ms = round(time * 1000)
-    return _Values(
+    return _new_values((
         ms, _rfc3339_ms(ms), event.session_id,
         None if duration_ms is None else round(duration_ms),
         *command, rows,
         {str(k): int(v) for k, v in masked.items()} if masked else None,
-    )
+    ))
 
 
 def _event_values(event: AuditEvent) -> _Values:
@@ -887,7 +890,7 @@ class Chain:
         event = template.event
         values = _run_values(event, (sql_evidence(sql), None, None, None), time, duration_ms, rows, masked)
         position = self._position()
-        filled = (*values, *position)
+        filled = values + position
         key = (duration_ms is None, type(rows), not masked)  # a bool row count must not share an int's shape
         try:
             shape = template.shapes[key]
