@@ -589,7 +589,7 @@ class Session:
         if self.upstream is not None:
             self.upstream.close()
             if self.caller is not None:
-                self._audit_nowait(session_end(
+                self._audit_nowait(self.server.audit.emit_nowait, session_end(
                     session_id=self.id, connection=self.connection.ref, connection_type=PROTOCOL,
                     caller=self.caller, duration_ms=(time.perf_counter() - self.started) * 1000,
                     commands=self.commands, client=self.client, target=self._target(), database=self.database,
@@ -616,9 +616,11 @@ class Session:
             self._metric_children[key] = child
         return child
 
-    def _audit_nowait(self, event: Any) -> None:
+    def _audit_nowait(self, emit: Callable[..., object], *event: Any) -> None:
+        """Queue an event with ``emit`` (an ``AuditTrail`` method): if that fails, the event is
+        lost alone (and logged), not the session."""
         try:
-            self.server.audit.emit_nowait(event)
+            emit(*event)
         except Exception:
             log.exception("audit event lost for session %s", self.id)
 
@@ -1345,11 +1347,8 @@ class Session:
 
     def _emit_command(self, text: str, decision: Decision, command_class: str | None, masked: dict[str, int],
                       rows: int | None, sqlstate: str | None, elapsed: float) -> None:
-        try:
-            self.server.audit.emit_run_nowait(self._command_template(decision, command_class, sqlstate),
-                                              text, time.time(), elapsed * 1000, rows, masked)
-        except Exception:
-            log.exception("audit event lost for session %s", self.id)
+        self._audit_nowait(self.server.audit.emit_run_nowait, self._command_template(decision, command_class, sqlstate),
+                           text, time.time(), elapsed * 1000, rows, masked)
         if self.server.metrics:
             self._metric("commands", decision.action).inc()
             self._metric("latency").observe(elapsed)
