@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import collections
 import functools
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "proxy"), str(ROOT / "operator"), str(ROOT / "bench")]
+# Stages are timed by wrapping methods, which compiled classes do not allow: the data plane runs
+# from its Python source here (bench_pg compares the compiled one with it, side by side).
+os.environ["SIDEGATE_PURE_PYTHON"] = "1"
 
 from bench_pg import BOT, pg_tool  # noqa: E402
 from sidegate_proxy import guardrails, pgproxy, pgwire  # noqa: E402
@@ -61,6 +65,8 @@ def instrument(spent: collections.Counter[str]) -> Callable[[], None]:
 
         originals.append((owner, name, original))
         setattr(owner, name, timed)
+        if getattr(owner, name) is not timed:
+            raise RuntimeError(f"{owner.__name__}.{name} cannot be timed (a compiled class?)")
 
     def undo() -> None:
         for owner, name, original in originals:
