@@ -410,6 +410,19 @@ async def test_cancel_ends_an_approval_hold(postgres: PG, tmp_path: Path) -> Non
     assert (event.decision, event.rule, event.sqlstate) == ("block", "client-cancel", "57014")
 
 
+async def test_a_rule_named_like_a_cancel_still_blocks_as_a_rule(postgres: PG, tmp_path: Path) -> None:
+    """Only the proxy's own cancelled-hold decision answers 57014: a user's guardrail that happens
+    to be called ``client-cancel`` blocks with 42501 and its own reason, in the answer and the audit."""
+    rule = {"name": "client-cancel", "sql": {"statements": ["truncate"]}, "action": "block"}
+    async with run_proxy(postgres, tmp_path, guardrails=[rule]) as p, \
+            await psycopg.AsyncConnection.connect(p.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match='blocked by guardrail "client-cancel"'):
+            await conn.execute("TRUNCATE tmp_import")
+        assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
+    (event,) = [e for e in p.audit.commands() if e.command == "TRUNCATE tmp_import"]
+    assert (event.decision, event.rule, event.sqlstate) == ("block", "client-cancel", "42501")
+
+
 async def test_idle_sessions_time_out_but_running_queries_do_not(postgres: PG, tmp_path: Path) -> None:
     async with run_proxy(postgres, tmp_path, settings=ProxySettings(idle_timeout=0.5)) as p:
         c = await asyncpg.connect(**p.kwargs())

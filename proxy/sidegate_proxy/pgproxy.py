@@ -108,6 +108,9 @@ SAFE_ENCODINGS = frozenset({"UTF8", "UTF-8", "UNICODE", "SQL_ASCII"})
 # A statement PostgreSQL rejects at parse time: sent upstream in place of a blocked one.
 POISON_SQL = "sidegate: statement blocked by the gateway"
 CANCELLED_RULE = "client-cancel"  # the rule of a statement the client cancelled while it was held
+# The one decision that means "cancelled while held": told apart by identity, never by its rule
+# name, which a user's own guardrail could also have.
+CANCELLED: Final = Decision("block", CANCELLED_RULE, "canceling statement due to user request")
 MAX_PLANS_PER_SESSION = 256  # cached masking plans (result shapes) per session
 MAX_AUDIT_TEMPLATES = 16  # audit templates a session keeps (by decision, class and outcome)
 
@@ -1028,11 +1031,11 @@ class Session:
             if not hold.done():
                 hold.cancel()  # this session is going away
         if hold.cancelled():
-            return Decision("block", CANCELLED_RULE, "canceling statement due to user request")
+            return CANCELLED
         return hold.result()
 
     def _sqlstate(self, decision: Decision) -> str:
-        return "57014" if decision.rule == CANCELLED_RULE else "42501"
+        return "57014" if decision is CANCELLED else "42501"
 
     async def _copy_decision(self, verdict: SQLVerdict, allowed: Decision) -> Decision:
         """COPY TO STDOUT cannot be masked by column: allowed only for relations without masked
@@ -1083,7 +1086,7 @@ class Session:
         return strictest(rules)
 
     def _block_error(self, decision: Decision) -> bytes:
-        if decision.rule == CANCELLED_RULE:
+        if decision is CANCELLED:
             return pgwire.error_response("ERROR", "57014", f"sidegate: {decision.reason}")
         reason = decision.reason or decision.action
         verb = "approval required" if decision.action == "requireApproval" else "blocked"
