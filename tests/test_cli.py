@@ -109,6 +109,10 @@ def test_proxy_from_manifests_folder(postgres, tmp_path: Path, worker: bool) -> 
     events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     decisions = [(e.get("unmapped") or {}).get("decision") for e in events]
     assert "block" in decisions
+    query = "SELECT email FROM customers ORDER BY id LIMIT 1"
+    (select,) = [e for e in events if (e.get("query_info") or {}).get("query_string") == query]
+    assert (select["unmapped"]["decision"], select["unmapped"]["rows"]) == ("allow", 1)
+    assert select["actor"]["user"]["name"] == "system:serviceaccount:payments:reporter"
     assert postgres.admin_password not in stdout + stderr
     # The spool on disk verifies as an intact chain.
     spooled = sorted(audit_dir.rglob("*.jsonl")) or sorted(p for p in audit_dir.rglob("*") if p.is_file()
