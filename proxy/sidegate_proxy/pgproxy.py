@@ -1215,14 +1215,16 @@ class Session:
 
     def _mask_row(self, plan: ColumnPlan, msg: DataRow, p: _Pending | None) -> bytes:
         try:
-            values, counts = plan.apply(msg.values())
+            row = msg.values()
+            values, counts = plan.apply(row)
         except (MaskingError, ProtocolError) as exc:
             raise UpstreamError(f"sidegate: a result row could not be masked: {exc}", "masking",
                                 "XX000") from None
         if counts and p is not None:
             for rule, n in counts.items():
                 p.masked[rule] = p.masked.get(rule, 0) + n
-        return pgwire.data_row(values)
+        # most rows of a scanned result have nothing to mask: the frame goes out as it came
+        return msg.raw if values == row else pgwire.data_row(values)
 
     def _known_plan(self, desc: RowDescription) -> tuple[ColumnPlan | None, int, float] | None:
         """The cached ``(plan, ...)`` of a result shape seen before (None: ask ``_plan``): a
