@@ -200,6 +200,26 @@ def test_data_row_is_lazy_and_checked() -> None:
         m.values()
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.binary(max_size=20)), max_size=8))
+def test_data_row_round_trip(values: list[bytes | None]) -> None:
+    assert pgwire.decode_data_row(pgwire.data_row(values)) == values
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40) | st.lists(st.one_of(st.none(), st.binary(max_size=6)), max_size=4).map(
+    lambda vs: pgwire.data_row(vs)[5:]))
+def test_data_row_decoder_accepts_only_canonical_frames(body: bytes) -> None:
+    """Whatever the decoder accepts re-encodes to the very frame: a row the masker leaves alone
+    can be forwarded as received (pgproxy relies on it), and a malformed one is a ProtocolError."""
+    frame = b"D" + (len(body) + 4).to_bytes(4, "big") + body
+    try:
+        values = pgwire.decode_data_row(frame)
+    except ProtocolError:
+        return
+    assert pgwire.data_row(values) == frame
+
+
 def test_error_response_strings_with_nul_are_escaped() -> None:
     [m] = BackendParser().feed(pgwire.error_response("ERROR", "XX000", "a\0b"))
     assert m.message == "a\\0b"
