@@ -16,6 +16,7 @@ from sidegate_proxy.masking import (
     REDACTED,
     TEXT_LIKE_OIDS,
     ColumnOrigin,
+    ColumnPlan,
     Masker,
     MaskingEngine,
     MaskingError,
@@ -327,6 +328,46 @@ def numeric(value: int) -> bytes:
         value, g = divmod(value, 10000)
         groups.insert(0, g)
     return struct.pack(f"!hhHH{len(groups)}H", len(groups), len(groups) - 1, 0, 0, *groups)
+
+
+_BATCH_COLUMNS = [
+    ColumnOrigin("email", 16390, 3, TEXT, 0, "public", "customers", "email"),  # a column rule
+    ColumnOrigin("name", 16390, 2, TEXT, 0, "public", "customers", "name"),  # detectors only
+    ColumnOrigin("expr", 0, 0, TEXT, 0),  # no origin: detectors only
+    ColumnOrigin("card8", 1, 2, INT8, 1, "public", "t", "card8"),  # binary int8: NULL on a hit
+]
+_cell = st.none() | st.sampled_from([b"", b"Ann", b"a@b.io", b"call 4111 1111 1111 1111", b"x" * 40]) | st.binary(
+    max_size=12)
+_batch_rows = st.lists(st.tuples(_cell, _cell, _cell, st.none() | st.sampled_from(
+    [struct.pack("!q", 1), struct.pack("!q", 4111111111111111)])).map(list), max_size=40)
+
+
+@given(_batch_rows)
+def test_a_batch_of_rows_is_masked_as_each_row_alone(rows: list[list[bytes | None]]) -> None:
+    """``apply_rows`` (one detector pass over a whole run of DataRows) gives every row what
+    ``apply`` gives it alone, None for rows it leaves as they are, and the summed counts."""
+    masker = MaskingEngine([PII, SECRETS], KEY).for_caller(caller("ci"))
+    for reads_masked in (True, False):
+        check_batch(masker.plan_columns(_BATCH_COLUMNS, reads_masked), rows)
+
+
+def check_batch(plan: ColumnPlan, rows: list[list[bytes | None]]) -> None:
+    batch, counts = plan.apply_rows(rows)
+    expected: dict[str, int] = {}
+    for row, masked in zip(rows, batch, strict=True):
+        alone, alone_counts = plan.apply(row)
+        assert (row if masked is None else masked) == alone
+        for rule, n in alone_counts.items():
+            expected[rule] = expected.get(rule, 0) + n
+    assert dict(counts) == expected
+
+
+def test_a_batch_leaves_unmasked_rows_alone(masker: Masker) -> None:
+    plan = masker.plan_columns(_BATCH_COLUMNS, False)  # the expression reads nothing masked
+    rows: list[list[bytes | None]] = [[None, b"Ann", b"plain", None], [b"a@b.io", b"Bo", b"x", None]]
+    batch, counts = plan.apply_rows(rows)
+    assert batch[0] is None and batch[1] is not None and batch[1][0] == REDACTED.encode()
+    assert dict(counts) == {"emails": 1}
 
 
 def test_plan_unknown_origin_fails_closed(masker: Masker) -> None:

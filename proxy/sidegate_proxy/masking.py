@@ -333,22 +333,46 @@ class ColumnPlan:
         """One DataRow: masked values (None is NULL) and per-rule counts of what was masked."""
         if not self.active:
             return list(values), _NO_COUNTS
-        if len(values) != len(self.columns):
-            raise MaskingError(f"DataRow has {len(values)} values for {len(self.columns)} columns")
-        out = list(values)
+        (masked,), counts = self.apply_rows([values])
+        return (list(values) if masked is None else masked), counts
+
+    def apply_rows(
+        self, rows: Sequence[Sequence[bytes | None]]
+    ) -> tuple[list[list[bytes | None] | None], Mapping[str, int]]:
+        """Several DataRows of one result: each one's masked values, or None where nothing in it
+        changed (the frame can go out as it came), and the per-rule counts of them all.
+
+        The detectors get every row's scanned values in one ``scan_chunks`` call: many values
+        make one joined pass, and only those it finds something in are scanned again alone."""
+        width = len(self.columns)
+        out: list[list[bytes | None] | None] = [None] * len(rows)
         counts: Counts = {}
-        for i, action in self._actions:
-            raw = out[i]
-            if raw is not None:
-                out[i] = action(raw, counts)
-        if self._scanned:
-            present = [(i, typed, raw) for i, typed in self._scanned if (raw := out[i]) is not None]
-            chunks = [raw for _, _, raw in present]
+        chunks: list[bytes] = []
+        where: list[tuple[int, int, bool]] = []  # (row, column, typed) of each chunk
+        for r, values in enumerate(rows):
+            if len(values) != width:
+                raise MaskingError(f"DataRow has {len(values)} values for {width} columns")
+            for i, action in self._actions:
+                raw = values[i]
+                if raw is not None and (masked := action(raw, counts)) is not raw:
+                    row = out[r]
+                    if row is None:
+                        row = out[r] = list(values)
+                    row[i] = masked
+            for i, typed in self._scanned:  # never a column with an action of its own
+                raw = values[i]
+                if raw is not None:
+                    chunks.append(raw)
+                    where.append((r, i, typed))
+        if chunks:
             for j, found in self._masker._scanner.scan_chunks(chunks).items():
-                i, typed, _ = present[j]
+                r, i, typed = where[j]
                 masked = self._masker._masked_value(chunks[j], found, counts)
+                row = out[r]
+                if row is None:
+                    row = out[r] = list(rows[r])
                 # a type that cannot carry the mask (int8 holding a card number) becomes NULL
-                out[i] = None if typed and masked != chunks[j] else masked
+                row[i] = None if typed and masked != chunks[j] else masked
         return out, (counts or _NO_COUNTS)
 
 

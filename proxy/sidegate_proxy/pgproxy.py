@@ -44,7 +44,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from . import pgwire
 from .audit import AuditTrail, CommandTemplate, command_event, session_end, session_start
@@ -850,8 +850,18 @@ class Session:
 
     def _run_backend(self, msgs: list[Message], start: int) -> None:
         try:
-            for i in range(start, len(msgs)):
-                coro = self._on_backend(msgs[i])
+            n = len(msgs)
+            i = start
+            while i < n:
+                msg = msgs[i]
+                i += 1
+                if type(msg) is DataRow:  # the hot path: a run of rows is masked together
+                    first = i - 1
+                    while i < n and type(msgs[i]) is DataRow:
+                        i += 1
+                    self._on_rows(msgs, first, i)
+                    continue
+                coro = self._on_backend(msg)
                 if coro is None:
                     continue
                 try:
@@ -859,7 +869,7 @@ class Session:
                 except StopIteration:
                     continue
                 self._flush()  # what is answered so far need not wait for the lookup
-                self._suspend(SERVER, coro, waiting, msgs, i + 1)
+                self._suspend(SERVER, coro, waiting, msgs, i)
                 return
             self._flush()
         finally:
@@ -1165,10 +1175,8 @@ class Session:
         """Handled here, or the coroutine that finishes it (a result shape whose masking plan
         needs the catalog)."""
         # exact types (the decoders make no subclasses), most frequent first
-        if type(msg) is DataRow:  # the hot path first
-            p = self.pending[0] if self.pending else None
-            plan = None if p is None else p.plan if p.kind == "query" else p.portal.plan if p.portal else None
-            self._to_client.append(msg.raw if plan is None else self._mask_row(plan, msg, p))
+        if type(msg) is DataRow:  # ``_run_backend`` takes runs of rows itself
+            self._on_rows([msg], 0, 1)
             return None
         if type(msg) is ReadyForQuery and self.pending and self.pending[0].kind == "sync":
             self._to_client.append(msg.raw)
@@ -1213,18 +1221,27 @@ class Session:
             self.pending.popleft()
         return None
 
-    def _mask_row(self, plan: ColumnPlan, msg: DataRow, p: _Pending | None) -> bytes:
+    def _on_rows(self, msgs: list[Message], start: int, end: int) -> None:
+        """DataRows ``msgs[start:end]`` of the current result, masked by its plan as one batch;
+        a row with nothing to mask goes out as the frame it came in."""
+        p = self.pending[0] if self.pending else None
+        plan = None if p is None else p.plan if p.kind == "query" else p.portal.plan if p.portal else None
+        out = self._to_client
+        if plan is None:
+            for k in range(start, end):
+                out.append(msgs[k].raw)
+            return
         try:
-            row = msg.values()
-            values, counts = plan.apply(row)
+            rows = [cast(DataRow, msgs[k]).values() for k in range(start, end)]
+            masked, counts = plan.apply_rows(rows)
         except (MaskingError, ProtocolError) as exc:
             raise UpstreamError(f"sidegate: a result row could not be masked: {exc}", "masking",
                                 "XX000") from None
         if counts and p is not None:
             for rule, n in counts.items():
                 p.masked[rule] = p.masked.get(rule, 0) + n
-        # most rows of a scanned result have nothing to mask: the frame goes out as it came
-        return msg.raw if values == row else pgwire.data_row(values)
+        for k, values in enumerate(masked):
+            out.append(msgs[start + k].raw if values is None else pgwire.data_row(values))
 
     def _known_plan(self, desc: RowDescription) -> tuple[ColumnPlan | None, int, float] | None:
         """The cached ``(plan, ...)`` of a result shape seen before (None: ask ``_plan``): a
