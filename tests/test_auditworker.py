@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from sidegate_proxy import auditworker
-from sidegate_proxy.audit import AuditError, AuditEvent, command_event
+from sidegate_proxy.audit import AuditError, AuditEvent, CommandTemplate, command_event
 from sidegate_proxy.auditverify import load_key, verify_lines
 from sidegate_proxy.auditworker import AuditProcess, AuditRecipe, main
 from sidegate_proxy.demo import LocalIssuer, build_demo
@@ -114,6 +114,42 @@ async def test_every_field_travels(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                for r in reviewed)
     assert [(r["note"], r.get("status")) for r in records if r.get("kind") == "custom"] == [
         ("a mapping", None), ("an int subclass", 200)]
+
+
+async def test_statement_runs_travel_as_runs_and_arrive_as_whole_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``emit_run_nowait`` sends a template once (re-sent after either end forgets it) and then
+    only each run's values: the worker's records are those of the whole events, in emit order."""
+    monkeypatch.setattr(auditworker, "MAX_TEMPLATES", 2)
+    audit = AuditProcess(recipe(tmp_path), batch_interval=0.001)
+    await audit.start()
+    templates = [CommandTemplate(command_event(
+        session_id=f"s{n}", connection="ns/db", connection_type="postgres", caller=CALLER, command="",
+        decision="allow", command_class="select", sqlstate=None if n else "02000", time=0.0)) for n in range(3)]
+    expected = []
+    for i in range(60):
+        template = templates[i % 3]
+        if i % 10 == 5:
+            audit.emit_nowait(event(1000 + i))  # whole events keep their place among the runs
+            expected.append(event(1000 + i))
+        expected.append(template.run(f"SELECT {i}", 1714564800.0 + i, 0.5 * i, i,
+                                     {"emails": 1} if i % 4 == 0 else {}))
+        audit.emit_run_nowait(template, f"SELECT {i}", 1714564800.0 + i, 0.5 * i, i,
+                              {"emails": 1} if i % 4 == 0 else {})
+        if i % 7 == 0:
+            await asyncio.sleep(0.002)
+    await audit.close()
+    records = [r for r in delivered(tmp_path) if "query_info" in r]
+    assert commands(records) == [e.command for e in expected]
+    for record, whole in zip(records, expected, strict=True):
+        assert record["actor"]["session"]["uid"] == whole.session_id
+        assert record["unmapped"].get("rows") == whole.rows
+        assert record["unmapped"].get("masked") == (dict(whole.masked) or None)
+        assert record.get("status_code") == whole.sqlstate
+        assert record["time"] == round(whole.time * 1000)
+    report = verify_lines((tmp_path / "audit.jsonl").read_text().splitlines(), keys=[load_key(KEY)])
+    assert report.ok, report.problems
 
 
 async def test_an_event_that_cannot_be_sealed_is_lost_alone(tmp_path: Path) -> None:

@@ -51,10 +51,13 @@ START_TIMEOUT = 60.0
 CLOSE_TIMEOUT = 30.0
 MAX_BACKLOG = 64 << 20  # bytes of events the worker has not read yet
 MAX_CALLERS = 10_000  # identities remembered by number on both ends
+MAX_TEMPLATES = 10_000  # statement templates remembered by number on both ends
 _CALLER, _MASKED, _APPROVAL = (AuditEvent._fields.index(f) for f in ("caller", "masked", "approval"))
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)  # the worker imports this very package
 
 Event = AuditEvent | Mapping[str, Any]
+# One statement run (``emit_run_nowait``): its template, then text, time, duration, rows, masks.
+_Run = tuple[CommandTemplate, str, float, float | None, int | None, Mapping[str, int]]
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,12 @@ class AuditProcess:
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
         self._replies: asyncio.Task[None] | None = None
-        self._batch: list[Event] = []
+        self._batch: list[Event | _Run] = []
         self._timer: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._callers: dict[int, tuple[int, Caller]] = {}  # id(caller) -> (number, the caller kept alive)
+        self._templates: dict[int, tuple[int, CommandTemplate]] = {}  # likewise, id(template)
         self._error: AuditError | None = None
         self._closing = False
         self.failed: asyncio.Future[AuditError] | None = None
@@ -143,8 +147,12 @@ class AuditProcess:
 
     def emit_run_nowait(self, template: CommandTemplate, sql: str, time: float, duration_ms: float | None,
                         rows: int | None, masked: Mapping[str, int]) -> None:
-        """The worker seals whole events: the run's is built here."""
-        self.emit_nowait(template.run(sql, time, duration_ms, rows, masked))
+        """A statement travels as its run alone: its template is sent once and named by a number
+        after that, and the worker seals the run from its own copy (``Chain.seal_run``)."""
+        self._check_running()
+        self._batch.append((template, sql, time, duration_ms, rows, masked))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.batch_interval, self._send_batch)
 
     def emit(self, event: Event) -> Awaitable[dict[str, Any]]:
         """The event's place in the chain is taken now (after everything queued before it)."""
@@ -176,15 +184,40 @@ class AuditProcess:
         if self._batch and self._writer is not None and self._error is None:
             batch, self._batch = self._batch, []
             callers: dict[int, Caller] = {}
-            rows = [self._row(event, callers) if isinstance(event, AuditEvent) else dict(event) for event in batch]
+            templates: dict[int, list[Any]] = {}
+            rows = [self._item_row(item, templates, callers) for item in batch]
             if callers:
                 self._write(("callers", callers))
+            if templates:
+                self._write(("templates", templates))
             try:
                 packed = marshal.dumps(rows)
             except ValueError:  # a mapping event holding something marshal can't carry
-                self._write(("events", batch))
+                self._write(("events", [_whole(item) for item in batch]))
             else:
                 self._write(("rows", packed))
+
+    def _item_row(self, item: Event | _Run, new_templates: dict[int, list[Any]],
+                  new_callers: dict[int, Caller]) -> Any:
+        if isinstance(item, AuditEvent):  # a NamedTuple: before the runs' plain tuples
+            return self._row(item, new_callers)
+        if isinstance(item, tuple):
+            return self._run_row(item, new_templates, new_callers)
+        return dict(item)
+
+    def _run_row(self, run: _Run, new_templates: dict[int, list[Any]],
+                 new_callers: dict[int, Caller]) -> tuple[Any, ...]:
+        """A run as builtins: its template's number (the template itself the first time), then
+        the run's own values."""
+        template, sql, time, duration_ms, rows, masked = run
+        known = self._templates.get(id(template))
+        if known is None or known[1] is not template:
+            if len(self._templates) >= MAX_TEMPLATES:
+                self._templates.clear()  # numbers are never reused, so the worker's old ones are just stale
+            known = (next(self._ids), template)
+            self._templates[id(template)] = known
+            new_templates[known[0]] = self._row(template.event, new_callers)
+        return known[0], sql, time, duration_ms, rows, dict(masked)
 
     def _row(self, event: AuditEvent, new_callers: dict[int, Caller]) -> list[Any]:
         """The event as builtins only (marshal is several times cheaper than pickle): the caller
@@ -300,6 +333,7 @@ async def _serve(sock: socket.socket) -> int:
     writer.write(_frame(("ready", audit.chain.chain_id)))
     pending: set[asyncio.Task[None]] = set()
     callers: dict[int, Caller] = {}
+    templates: dict[int, CommandTemplate] = {}
 
     async def answer(request: int, done: Awaitable[Any]) -> None:
         try:
@@ -324,14 +358,21 @@ async def _serve(sock: socket.socket) -> int:
             kind = message[0]
             if kind == "rows":
                 for row in marshal.loads(message[1]):  # noqa: S302 (our own child, see _read_frame)
-                    _seal(audit, _event(row, callers) if type(row) is list else row)
+                    if type(row) is tuple:
+                        _seal(audit.emit_run_nowait, templates[row[0]], *row[1:])
+                    else:
+                        _seal(audit.emit_nowait, _event(row, callers) if type(row) is list else row)
             elif kind == "callers":
                 if len(callers) >= MAX_CALLERS:
                     callers.clear()  # the proxy forgot them first: it sends a caller again before using it
                 callers.update(message[1])
+            elif kind == "templates":
+                if len(templates) >= MAX_TEMPLATES:
+                    templates.clear()  # likewise
+                templates.update((n, CommandTemplate(_event(row, callers))) for n, row in message[1].items())
             elif kind == "events":
                 for event in message[1]:
-                    _seal(audit, event)
+                    _seal(audit.emit_nowait, event)
             elif kind == "emit":
                 try:
                     later(message[1], audit.emit(message[2]))  # sealed here, in channel order
@@ -354,13 +395,21 @@ async def _serve(sock: socket.socket) -> int:
     return 0
 
 
-def _seal(audit: AuditLog, event: Event) -> None:
+def _seal(emit: Callable[..., object], *event: Any) -> None:
     try:
-        audit.emit_nowait(event)
+        emit(*event)
     except AuditError:
         raise
     except Exception:  # a malformed event is lost alone, as ``emit_nowait`` inline would lose it
         log.exception("audit event lost: %r", event)
+
+
+def _whole(item: Event | _Run) -> Event:
+    """A batch item as a whole event (for the pickled fallback)."""
+    if isinstance(item, AuditEvent) or not isinstance(item, tuple):
+        return item
+    template, sql, time, duration_ms, rows, masked = item
+    return template.run(sql, time, duration_ms, rows, masked)
 
 
 def _event(row: list[Any], callers: Mapping[int, Caller]) -> AuditEvent:
