@@ -105,8 +105,9 @@ class AuditProcess:
         self._timer: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
-        self._callers: dict[int, tuple[int, Caller]] = {}  # id(caller) -> (number, the caller kept alive)
-        self._templates: dict[int, tuple[int, CommandTemplate]] = {}  # likewise, id(template)
+        # id(caller) or id(template) -> (its number on the channel, the object kept alive)
+        self._callers: dict[int, tuple[int, object]] = {}
+        self._templates: dict[int, tuple[int, object]] = {}
         self._error: AuditError | None = None
         self._closing = False
         self.failed: asyncio.Future[AuditError] | None = None
@@ -210,14 +211,23 @@ class AuditProcess:
         """A run as builtins: its template's number (the template itself the first time), then
         the run's own values."""
         template, sql, time, duration_ms, rows, masked = run
-        known = self._templates.get(id(template))
-        if known is None or known[1] is not template:
-            if len(self._templates) >= MAX_TEMPLATES:
-                self._templates.clear()  # numbers are never reused, so the worker's old ones are just stale
-            known = (next(self._ids), template)
-            self._templates[id(template)] = known
-            new_templates[known[0]] = self._row(template.event, new_callers)
-        return known[0], sql, time, duration_ms, rows, dict(masked)
+        number, new = self._numbered(self._templates, template, MAX_TEMPLATES)
+        if new:
+            new_templates[number] = self._row(template.event, new_callers)
+        return number, sql, time, duration_ms, rows, dict(masked)
+
+    def _numbered(self, table: dict[int, tuple[int, object]], obj: object, limit: int) -> tuple[int, bool]:
+        """The number ``obj`` goes by on the channel, and whether it is new there (to be sent
+        before its first use). Numbers are never reused, so once ``table`` is cleared at ``limit``
+        the worker's old ones are just stale."""
+        known = table.get(id(obj))
+        if known is not None and known[1] is obj:
+            return known[0], False
+        if len(table) >= limit:
+            table.clear()
+        number = next(self._ids)
+        table[id(obj)] = (number, obj)  # keeps obj alive, so its id is not reused while numbered
+        return number, True
 
     def _row(self, event: AuditEvent, new_callers: dict[int, Caller]) -> list[Any]:
         """The event as builtins only (marshal is several times cheaper than pickle): the caller
@@ -225,14 +235,10 @@ class AuditProcess:
         row: list[Any] = list(event)
         caller = event.caller
         if caller is not None:
-            known = self._callers.get(id(caller))
-            if known is None or known[1] is not caller:
-                if len(self._callers) >= MAX_CALLERS:
-                    self._callers.clear()  # numbers are never reused, so the worker's old ones are just stale
-                known = (next(self._ids), caller)
-                self._callers[id(caller)] = known
-                new_callers[known[0]] = caller
-            row[_CALLER] = known[0]
+            number, new = self._numbered(self._callers, caller, MAX_CALLERS)
+            if new:
+                new_callers[number] = caller
+            row[_CALLER] = number
         if type(event.masked) is not dict:
             row[_MASKED] = dict(event.masked)
         if event.approval is not None:
