@@ -157,12 +157,17 @@ def token_issuer_url(conn: Connection) -> str | None:
     return f"http://127.0.0.1:{SIDECAR_ADMIN_PORT}"
 
 
+def _mounted_key(secret: str, key: str) -> str:
+    """Where a key of a mounted Secret is (each one in ``secret_names`` is mounted whole)."""
+    return f"{SECRETS_DIR}/{secret}/{key}"
+
+
 def signing_key_path(conn: Connection) -> str | None:
-    """Where the signing key is mounted (its Secret is one of ``secret_names``, mounted whole)."""
+    """Where the signing key is mounted."""
     te = conn.token_exchange
     if te is None:
         return None
-    return f"{SECRETS_DIR}/{te.signing_key_ref.name}/{te.signing_key_ref.key or DEFAULT_SIGNING_KEY}"
+    return _mounted_key(te.signing_key_ref.name, te.signing_key_ref.key or DEFAULT_SIGNING_KEY)
 
 
 def verification_key_paths(conn: Connection) -> tuple[str, ...]:
@@ -171,7 +176,7 @@ def verification_key_paths(conn: Connection) -> tuple[str, ...]:
     te = conn.token_exchange
     if te is None:
         return ()
-    return tuple(f"{SECRETS_DIR}/{te.signing_key_ref.name}/{name}" for name in te.verification_keys)
+    return tuple(_mounted_key(te.signing_key_ref.name, name) for name in te.verification_keys)
 
 
 def token_exchange_args(conns: Sequence[Connection]) -> list[str]:

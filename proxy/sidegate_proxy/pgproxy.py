@@ -1174,10 +1174,8 @@ class Session:
     def _on_backend(self, msg: Message) -> _Handler:
         """Handled here, or the coroutine that finishes it (a result shape whose masking plan
         needs the catalog)."""
-        # exact types (the decoders make no subclasses), most frequent first
-        if type(msg) is DataRow:  # ``_run_backend`` takes runs of rows itself
-            self._on_rows([msg], 0, 1)
-            return None
+        # exact types (the decoders make no subclasses), most frequent first; DataRows never come
+        # here: ``_run_backend`` hands runs of them to ``_on_rows``
         if type(msg) is ReadyForQuery and self.pending and self.pending[0].kind == "sync":
             self._to_client.append(msg.raw)
             self.pending.popleft()
