@@ -41,8 +41,12 @@ def _native_build() -> dict[str, Any]:
         return {}
     from mypyc.build import mypycify  # needed only when compiling
 
+    from setuptools import Extension
+
     sources = [str(PACKAGE / f"{name}.py") for name in native.COMPILED]
-    return {"ext_modules": mypycify(sources, opt_level="3", group_name="sidegate_proxy._compiled"),
+    lane = Extension(f"sidegate_proxy.{native.LANE}", [str(PACKAGE / native.LANE_SOURCE)],
+                     extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror"])
+    return {"ext_modules": [*mypycify(sources, opt_level="3", group_name="sidegate_proxy._compiled"), lane],
             "cmdclass": {"build_ext": BuildWithStamp}}
 
 

@@ -126,3 +126,44 @@ def test_missing_or_garbled_build_record_runs_python(tmp_path: Path, stamp: str 
     status = _native.select("fake", pkg)
     assert not status.active and reason in status.reason
     assert _kinds() == {"source"}
+
+
+# --------------------------------------------------------------------------- the native lane
+
+
+@pytest.mark.skipif(PURE, reason="this run checks the Python source")
+def test_ci_builds_the_native_lane() -> None:
+    """The compiled data plane comes with its lane: CI must not pass without it."""
+    if not sidegate_proxy.NATIVE.active:
+        pytest.skip(f"data plane not compiled here: {sidegate_proxy.NATIVE.reason}")
+    assert sidegate_proxy.LANE is not None
+
+
+@pytest.mark.skipif(not PURE, reason="only when the Python source is asked for")
+def test_pure_python_has_no_lane() -> None:
+    assert sidegate_proxy.LANE is None
+
+
+def _lane_package(tmp_path: Path) -> Path:
+    pkg = tmp_path / "lanepkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / _native.LANE_SOURCE).write_text("/* the lane */\n")
+    (pkg / f"{_native.LANE}.py").write_text("KIND = 'lane'\n")  # stands in for the extension
+    (pkg / _native.STAMP).write_text("{}")
+    return pkg
+
+
+@pytest.mark.usefixtures("isolated_imports")
+def test_the_lane_loads_only_when_built_from_this_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = _lane_package(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    active, inactive = _native.NativeStatus(True, "compiled"), _native.NativeStatus(False, "pure")
+    current = hashlib.sha256((pkg / _native.LANE_SOURCE).read_bytes()).hexdigest()
+    assert _native.lane("lanepkg", pkg, active) is None  # never built
+    (pkg / _native.STAMP).write_text(json.dumps({_native.LANE_SOURCE: "0" * 64}))
+    assert _native.lane("lanepkg", pkg, active) is None  # built from another source
+    (pkg / _native.STAMP).write_text(json.dumps({_native.LANE_SOURCE: current}))
+    assert _native.lane("lanepkg", pkg, inactive) is None  # the data plane runs as Python
+    lane = _native.lane("lanepkg", pkg, active)
+    assert lane is not None and lane.KIND == "lane"

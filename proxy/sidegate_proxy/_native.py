@@ -22,6 +22,8 @@ from types import ModuleType
 
 COMPILED = ("pgwire", "pgproxy", "masking", "detectors")  # setup.py's NATIVE_MODULES
 STAMP = "_native_build.json"
+LANE = "_lane"  # the native lane of a PostgreSQL session: C, built beside the compiled modules
+LANE_SOURCE = f"{LANE}.c"
 PURE_ENV = "SIDEGATE_PURE_PYTHON"
 
 
@@ -44,8 +46,11 @@ class _PythonFirst(importlib.abc.MetaPathFinder):
 
 
 def source_digests(package_dir: Path) -> dict[str, str | None]:
-    """What the build records and the import compares: each compiled module's source, hashed."""
-    return {name: _digest(package_dir / f"{name}.py") for name in COMPILED}
+    """What the build records and the import compares: each compiled module's source, hashed
+    (and the native lane's C source, under its file name)."""
+    digests = {name: _digest(package_dir / f"{name}.py") for name in COMPILED}
+    digests[LANE_SOURCE] = _digest(package_dir / LANE_SOURCE)
+    return digests
 
 
 def _digest(source: Path) -> str | None:
@@ -82,6 +87,23 @@ def select(package: str, package_dir: Path) -> NativeStatus:
         return NativeStatus(True, "compiled")
     sys.meta_path.insert(0, _PythonFirst({f"{package}.{name}": package_dir / f"{name}.py" for name in COMPILED}))
     return NativeStatus(False, reason)
+
+
+def lane(package: str, package_dir: Path, status: NativeStatus) -> ModuleType | None:
+    """The native lane, when the compiled data plane runs and the lane was built from this very
+    ``_lane.c``; else None (every statement goes through the Python relay)."""
+    if not status.active:
+        return None
+    try:
+        built = json.loads((package_dir / STAMP).read_text()).get(LANE_SOURCE)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if built is None or built != _digest(package_dir / LANE_SOURCE):
+        return None
+    try:
+        return importlib.import_module(f"{package}.{LANE}")
+    except ImportError:
+        return None
 
 
 if __name__ == "__main__":  # `make native`: exit 0 when the compiled modules are current

@@ -65,6 +65,9 @@ def proxy_parser() -> argparse.ArgumentParser:
                    help="seal and spool audit events in a worker process: more statements per second "
                         "when the pod has a second core, a little more latency when it has not "
                         "(see docs/performance.md)")
+    p.add_argument("--no-native-lane", action="store_true",
+                   help="relay every PostgreSQL message in Python (by default, a plain-TCP session's prepared "
+                        "statements run in the native lane once Python has allowed them; see docs/performance.md)")
     p.add_argument("--tls-cert", metavar="FILE", help="serve TLS to clients with this certificate")
     p.add_argument("--tls-key", metavar="FILE")
     p.add_argument("--token-signing-key", metavar="FILE",
@@ -124,6 +127,7 @@ def run_proxy(argv: list[str]) -> int:
         spool_dir=Path(args.audit_dir) if args.audit_dir else None,
         audit_stdout=not args.no_audit_stdout,
         audit_process=args.audit_worker,
+        native_lane=not args.no_native_lane,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         token_issuer_url=args.token_issuer,

@@ -46,7 +46,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable,
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from . import pgwire
+from . import LANE, pgwire
 from .audit import AuditTrail, CommandTemplate, command_event, session_end, session_start
 from .config import Connection, ProxyConfig
 from .guardrails import Guard, SQLVerdict
@@ -93,7 +93,7 @@ from .pgwire import (
 )
 from .policy import Caller, Decision, check_access
 from .secrets import SecretMissing, SecretStore
-from .sqlparse import ALL_COLUMNS
+from .sqlparse import ALL_COLUMNS, statement_text
 
 __all__ = ["ProxyServer", "ProxySettings", "UpstreamError", "open_upstream"]
 
@@ -113,6 +113,15 @@ CANCELLED_RULE = "client-cancel"  # the rule of a statement the client cancelled
 CANCELLED: Final = Decision("block", CANCELLED_RULE, "canceling statement due to user request")
 MAX_PLANS_PER_SESSION = 256  # cached masking plans (result shapes) per session
 MAX_AUDIT_TEMPLATES = 16  # audit templates a session keeps (by decision, class and outcome)
+# what the native lane may relay (``Session._enter_lane``): statements that only read or write rows;
+# and how long a session stays in it, at most, while masking plans hold (then Python checks that
+# the catalog still gives them; a session without masking stays until it needs Python)
+LANE_COMMANDS = frozenset({"select", "insert", "update", "delete"})
+LANE_RECHECK = 1.0
+MAX_LANE_QUERIES = 64  # simple-query shapes a session hands the lane (by literal key)
+_LANE: Final[Any] = LANE
+_NO_MASKS: Final[dict[str, int]] = {}
+_SELECT: Final = frozenset({"select"})
 
 
 class UpstreamError(Exception):
@@ -137,6 +146,7 @@ class ProxySettings:
     upstream_auth: frozenset[str] = METHODS  # like libpq's require_auth
     catalog_connections: int = 2
     catalog_ttl: float = 300.0
+    lane: bool = True  # relay a plain-TCP session's steady state natively, when the lane is built
 
 
 # --------------------------------------------------------------------------- upstream connections
@@ -546,6 +556,19 @@ class Session:
         self._idle_handle: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._holding: asyncio.Future[Decision] | None = None  # an approval wait in progress
+        self._upstream_tls = False
+        # the native lane (``_enter_lane``): while ``_lane_run`` is set, its thread has the sockets
+        self._lane_run: asyncio.Future[None] | None = None
+        self._lane_token = 0
+        self._lane_chosen: list[_Statement] = []
+        # simple queries the guardrails allowed outright, by the lane's literal key of their text:
+        # the decision and command class every query of that shape gets
+        self._lane_queries: dict[bytes, tuple[Decision, str]] = {}
+        self._lane_query_info: list[tuple[Decision, str]] = []
+        self._lane_records = 0
+        self._lane_skip = 0
+        self._lane_skip_next = 0
+        self._lane_resuming = False
 
     @property
     def connection(self) -> Connection:
@@ -783,6 +806,7 @@ class Session:
         self._loop = loop
         self._done = loop.create_future()
         self._client_tls = self.writer.get_extra_info("ssl_object") is not None
+        self._upstream_tls = up.writer.get_extra_info("ssl_object") is not None
         self._transports = (self.writer.transport, up.writer.transport)
         early = [_take_over(self.reader, self.writer.transport, _RelayProtocol(self, CLIENT)),
                  _take_over(up.reader, up.writer.transport, _RelayProtocol(self, SERVER))]
@@ -807,11 +831,15 @@ class Session:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self._lane_settled()  # its thread holds the sockets: never close them under it
 
     # ---- transport callbacks (synchronous)
 
     def _on_data(self, side: int, data: bytes) -> None:
         if self._done is None or self._done.done():
+            return
+        if self._lane_run is not None:  # both sides are paused while the lane has them
+            self._end(RuntimeError("data read from a socket the native lane holds"))
             return
         if self._busy[side]:
             self._backlog[side].append(data)  # reading is paused; this was already in flight
@@ -876,6 +904,8 @@ class Session:
             self._audit_completed()  # after the client has its answer: off the latency path
         if self._client_left and not self.pending:
             self._end(None)
+        elif not self.pending and (self.statements or self._lane_queries):
+            self._enter_lane()
 
     def _suspend(self, side: int, coro: Coroutine[Any, Any, None], waiting: Any,
                  msgs: list[Message], resume_at: int) -> None:
@@ -954,10 +984,195 @@ class Session:
     def _idle_check(self, idle: float) -> None:
         assert self._loop is not None
         quiet = self._loop.time() - self._last_client
-        if quiet >= idle and not self._busy[CLIENT] and not self.pending:  # a running query is not idle
+        if self._lane_run is not None and quiet >= idle:
+            self.server._lane_recall(self._lane_token)  # it knows when the client last spoke
+            self._idle_handle = self._loop.call_later(0.05, self._idle_check, idle)
+        elif quiet >= idle and not self._busy[CLIENT] and not self.pending:  # a running query is not idle
             self._end(TimeoutError())
         else:
             self._idle_handle = self._loop.call_later(max(idle - quiet, 0.05), self._idle_check, idle)
+
+    # ---- the native lane
+
+    def _enter_lane(self) -> None:
+        """Hand the session's sockets to the native lane (``_lane.c``) when it is quiet (nothing
+        in flight, nothing unwritten) and holds statements the lane may relay: ones Python
+        allowed that only read or write rows, answered by result shapes Python found nothing to
+        mask in. Anything else the lane hands back untouched, see ``_lane_done``."""
+        if (_LANE is None or not self.server.settings.lane or self._lane_run is not None or self._lane_resuming
+                or self._client_tls or self._upstream_tls or self.skip_until_sync or self._done_or_none()
+                or self._busy[CLIENT] or self._busy[SERVER] or self._blocks[CLIENT] or self._blocks[SERVER]
+                or self._backlog[CLIENT] or self._backlog[SERVER] or self._to_client or self._to_upstream
+                or self._transports is None or self.upstream is None or self._loop is None):
+            return
+        if self._lane_skip:  # the last stays relayed nothing: the client mostly sends what Python handles
+            self._lane_skip -= 1
+            return
+        transports = self._transports
+        if transports[CLIENT].get_write_buffer_size() or transports[SERVER].get_write_buffer_size():
+            return
+        names: list[bytes] = []
+        chosen: list[_Statement] = []
+        for name, st in self.statements.items():
+            if st.decision.allowed and st.verdict.commands <= LANE_COMMANDS:
+                names.append(name.encode())
+                chosen.append(st)
+        if not chosen and not self._lane_queries:
+            return
+        shapes: tuple[bytes, ...] | None = None
+        seconds = float("inf")
+        if self.masker is not None:
+            catalog = self.policy.catalog
+            if catalog is None:
+                return  # no plan is cached without one: every result needs Python
+            now, epoch = catalog.clock(), catalog.epoch
+            valid = [(raw, until) for raw, (plan, made, until) in self._plans.items()
+                     if plan is None and made == epoch and now < until]
+            if not valid:
+                return
+            shapes = tuple(raw for raw, _ in valid)
+            seconds = min(LANE_RECHECK, *(until - now for _, until in valid))
+        lane, token = self.server._lane_adopt(self)
+        for side in (CLIENT, SERVER):
+            self._blocks[side].add("lane")
+            self._update_reading(side)
+        try:
+            lane.adopt(token, transports[CLIENT].get_extra_info("socket").fileno(),
+                       transports[SERVER].get_extra_info("socket").fileno(), self.fparser.take_pending(),
+                       self.upstream.parser.take_pending(), tuple(names), tuple(self._lane_queries), shapes,
+                       self.masker is not None,
+                       self.server.settings.max_message, seconds)
+        except Exception as exc:
+            self.server._in_lane.pop(token, None)
+            self._end(exc)
+            return
+        self._lane_token = token
+        self._lane_chosen = chosen
+        self._lane_query_info = list(self._lane_queries.values())
+        self._lane_records = 0
+        self._lane_run = self._loop.create_future()
+
+    def _lane_record(self, index: int, at: float, seconds: float, rows: int | None, sqlstate: str | None,
+                     query: bytes | None) -> None:
+        """An Execute or simple query the lane saw answered: audited as the Python relay audits it."""
+        self.commands += 1
+        self._lane_records += 1
+        if query is None:
+            st = self._lane_chosen[index]
+            self._emit_command(st.sql, st.decision, st.command_class, _NO_MASKS, rows, sqlstate, seconds, at)
+        else:
+            decision, command_class = self._lane_query_info[index]
+            self._emit_command(statement_text(query.decode("ascii")), decision, command_class, _NO_MASKS, rows,
+                               sqlstate, seconds, at)
+
+    def _lane_query_allowed(self, msg: Query, verdict: SQLVerdict, decision: Decision) -> None:
+        """A simple query the guardrails let through outright: the lane may relay its shape."""
+        if (_LANE is None or decision is not verdict.decision or decision.action != "allow"
+                or len(verdict.statements) != 1 or verdict.commands != _SELECT):
+            return
+        key = _LANE.literal_key(msg.raw[5:-1])
+        if key is None or key in self._lane_queries:
+            return
+        if len(self._lane_queries) >= MAX_LANE_QUERIES:
+            self._lane_queries.clear()
+        self._lane_queries[key] = (decision, "select")
+
+    def _lane_done(self, stop: int, client_rest: bytes, server_rest: bytes, to_client: bytes, to_server: bytes,
+                   in_flight: list[tuple[int, int, int, float, bytes | None, int]], bound: tuple[int, int] | None,
+                   last_client: float) -> None:
+        """Back from the lane: take over what it left in flight, and carry on with the bytes it
+        did not relay as if they had just been read."""
+        run, self._lane_run = self._lane_run, None
+        if run is not None and not run.done():
+            run.set_result(None)
+        for side in (CLIENT, SERVER):
+            self._blocks[side].discard("lane")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session %s: back from the lane (%d) after %d statements, %d requests in flight",
+                      self.id, stop, self._lane_records, len(in_flight))
+        self._lane_skip = 0 if self._lane_records else min(2 * self._lane_skip_next + 1, 64)
+        self._lane_skip_next = self._lane_skip
+        lane = _LANE
+        chosen = self._lane_chosen
+        assert self._transports is not None
+        if to_server:
+            self._transports[SERVER].write(to_server)
+        if to_client:
+            self._transports[CLIENT].write(to_client)
+        self._last_client = max(self._last_client, last_client)
+        portals: dict[int, _Portal] = {}
+
+        def portal(serial: int, index: int) -> _Portal:
+            made = portals.get(serial)
+            if made is None:
+                made = portals[serial] = _Portal(chosen[index], ())
+                made.plan_on_describe = self.masker is not None
+            return made
+
+        if bound is not None:
+            self.portals[""] = portal(*bound)
+        for kind, index, serial, started, query, answered in in_flight:
+            if kind == lane.QUERY and query is not None:
+                assert self.caller is not None
+                sql = query.decode("ascii")
+                verdict = self.policy.guard.check_sql(self.caller, sql, self.prepared)
+                asked = _Pending("query", verdict=verdict, decision=self._lane_query_info[index][0])
+                asked.started = started
+                asked.index = answered
+                self.pending.append(asked)
+            elif kind == lane.BIND:
+                self.pending.append(_ACK_BIND)
+            elif kind == lane.SYNC:
+                self.pending.append(_ACK_SYNC)
+            elif kind == lane.DESCRIBE_STATEMENT:
+                self.pending.append(_Pending("describe"))
+            elif kind == lane.DESCRIBE_PORTAL:
+                made = portal(serial, index)
+                self.pending.append(_Pending("describe", describe_portal="",
+                                             portal=made if made.plan_on_describe else None))
+            elif kind == lane.INJECT:
+                self.pending.append(_Pending("inject", portal=portal(serial, index)))
+            else:
+                execute = _Pending("execute", portal=portal(serial, index))
+                execute.started = started
+                self.pending.append(execute)
+        if self._done_or_none():
+            return
+        self._lane_resuming = True
+        try:
+            if server_rest:
+                self._on_data(SERVER, server_rest)
+            if client_rest:
+                self._on_data(CLIENT, client_rest)
+            if stop == lane.STOP_CLIENT_EOF:
+                self._on_eof(CLIENT)
+            elif stop == lane.STOP_SERVER_EOF:
+                self._on_eof(SERVER)
+            elif stop == lane.STOP_CLIENT_ERROR:
+                self._on_lost(CLIENT, None)
+            elif stop == lane.STOP_SERVER_ERROR:
+                self._on_lost(SERVER, None)
+            elif stop == lane.STOP_NO_MEMORY:
+                self._end(MemoryError("the native lane ran out of memory"))
+        finally:
+            self._lane_resuming = False
+        for side in (CLIENT, SERVER):
+            self._update_reading(side)
+        if stop == lane.STOP_SLICE and not self.pending:
+            self._enter_lane()  # its result shapes expired: planned again as they come
+
+    async def _lane_settled(self) -> None:
+        """Call the session back from the lane and wait for it, even when cancelled: the lane's
+        thread holds the sockets until then."""
+        cancelled = False
+        while self._lane_run is not None:
+            self.server._lane_recall(self._lane_token)
+            try:
+                await asyncio.shield(self._lane_run)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _send(self, data: bytes, pending: _Pending | None = None) -> None:
         assert self.upstream is not None
@@ -1139,6 +1354,7 @@ class Session:
             self._send(pgwire.query(POISON_SQL), _Pending("query", replace_error=self._block_error(decision)))
             return
         self._track_prepared(verdict)
+        self._lane_query_allowed(msg, verdict, decision)
         self._send(msg.raw, _Pending("query", verdict=verdict, decision=decision))
 
     async def _on_parse(self, msg: Parse) -> None:
@@ -1366,9 +1582,9 @@ class Session:
             self._emit_command(text, decision, command_class, masked, rows, sqlstate, elapsed)
 
     def _emit_command(self, text: str, decision: Decision, command_class: str | None, masked: dict[str, int],
-                      rows: int | None, sqlstate: str | None, elapsed: float) -> None:
+                      rows: int | None, sqlstate: str | None, elapsed: float, at: float = 0.0) -> None:
         self._audit_nowait(self.server.audit.emit_run_nowait, self._command_template(decision, command_class, sqlstate),
-                           text, time.time(), elapsed * 1000, rows, masked)
+                           text, at or time.time(), elapsed * 1000, rows, masked)
         if self.server.metrics:
             self._metric("commands", decision.action).inc()
             self._metric("latency").observe(elapsed)
@@ -1538,6 +1754,9 @@ class ProxyServer:
         self._sessions: set[asyncio.Task[None]] = set()
         self._cancel_keys: dict[int, tuple[int, Session]] = {}
         self._catalog_pools: list[_CatalogPool] = []
+        self.lane_slices = 0  # sessions handed to the native lane so far (tests check it was taken)
+        self._lane: Any = None  # the native lane's ``Loop``, started with the first session it takes
+        self._in_lane: dict[int, Session] = {}
         self._policy = self._make_policy(config, authenticator, guard, masking_engine, workload)
 
     def _make_policy(self, config: ProxyConfig, authenticator: Authenticator, guard: Guard,
@@ -1557,6 +1776,50 @@ class ProxyServer:
     @property
     def config(self) -> ProxyConfig:
         return self._policy.config
+
+    def _lane_adopt(self, session: Session) -> tuple[Any, int]:
+        """The lane, and a token naming ``session`` in what it reports."""
+        if self._lane is None:
+            self._lane = _LANE.Loop()
+            asyncio.get_running_loop().add_reader(self._lane.fileno(), self._lane_events)
+        self.lane_slices += 1
+        token = self.lane_slices
+        self._in_lane[token] = session
+        return self._lane, token
+
+    def _lane_recall(self, token: int) -> None:
+        if self._lane is not None:
+            self._lane.recall(token)
+
+    def _lane_events(self) -> None:
+        if self._lane is not None:
+            self._lane_reports(self._lane)
+
+    def _lane_reports(self, lane: Any) -> None:
+        """The lane's reports: statements it saw answered, sessions it handed back."""
+        records, done = lane.drain()
+        sessions = self._in_lane
+        for token, index, at, seconds, rows, sqlstate, query in records:
+            session = sessions.get(token)
+            if session is not None:
+                session._lane_record(index, at, seconds, rows, sqlstate, query)
+        for token, (stop, client_rest, server_rest, to_client, to_server, _, in_flight, bound, last) in done:
+            session = sessions.pop(token, None)
+            if session is not None:
+                try:
+                    session._lane_done(stop, client_rest, server_rest, to_client, to_server, in_flight, bound, last)
+                except Exception as exc:
+                    session._end(exc)
+
+    def _lane_close(self) -> None:
+        """After every session is back (``Session._lane_settled``): stop the lane's thread."""
+        lane, self._lane = self._lane, None
+        if lane is None:
+            return
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(lane.fileno())
+        lane.close()
+        self._lane_reports(lane)  # sessions it still had, if any: their statements are audited
 
     def reload(
         self,
@@ -1597,6 +1860,7 @@ class ProxyServer:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         for pool in self._catalog_pools:
             pool.close()
+        self._lane_close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

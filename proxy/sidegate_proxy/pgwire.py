@@ -806,6 +806,12 @@ class _Parser:
         """Bytes received but not yet part of a complete message."""
         return len(self._buf)
 
+    def take_pending(self) -> bytes:
+        """Those bytes, handed over (to the native lane, which frames them itself)."""
+        data = bytes(self._buf)
+        self._buf = bytearray()
+        return data
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         out: list[Message] = []
         if self._untyped():

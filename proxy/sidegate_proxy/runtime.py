@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from . import NATIVE
+from . import LANE, NATIVE
 from .admin import admin_app
 from .approvals import ApprovalBroker, pg_approval_hook
 from .audit import AuditError, AuditLog, AuditTrail
@@ -60,6 +60,7 @@ class RuntimeOptions:
     extra_sinks: Sequence[Sink] = ()
     audit_fsync: bool = True
     audit_process: bool = False  # seal and spool in a worker process (--audit-worker)
+    native_lane: bool = True  # relay PostgreSQL sessions' steady state natively (--no-native-lane)
     chain_key: bytes | None = None
     masking_key: bytes | None = None
     tls_cert: str | None = None
@@ -208,13 +209,14 @@ class ProxyRuntime:
         tls = server_ssl_context(opts.tls_cert, opts.tls_key)
         c = self.components
         if conn.type == "postgres":
-            from .pgproxy import ProxyServer
+            from .pgproxy import ProxyServer, ProxySettings
 
             server = ProxyServer(
                 self.config, self.secrets, authenticator=c.authenticator, guard=c.guard,
                 masking_engine=c.masking, audit_log=self.audit, host=host, port=port,
                 ssl_context=tls, metrics=self.metrics, workload=c.workload,
                 on_approval_required=pg_approval_hook(self.approvals) if self.approvals else None,
+                settings=ProxySettings(lane=opts.native_lane),
             )
             await server.start()
             self._server = server
@@ -234,8 +236,9 @@ class ProxyRuntime:
                 admin_app(self.metrics, self.ready, routes=exchange_routes([self])), opts.admin_host,
                 opts.admin_port, None,
             )
-        log.info("sidegate proxy for %s (%s) listening on %s:%s; data plane: %s", conn.ref, conn.type, host,
-                 self.port, NATIVE.reason)
+        lane = ("on" if opts.native_lane else "off (--no-native-lane)") if LANE is not None else "not built"
+        log.info("sidegate proxy for %s (%s) listening on %s:%s; data plane: %s; native lane: %s", conn.ref,
+                 conn.type, host, self.port, NATIVE.reason, lane)
 
     async def _serve(self, app: web.Application, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         runner = web.AppRunner(app, access_log=None)

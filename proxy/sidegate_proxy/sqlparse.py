@@ -1108,7 +1108,7 @@ def _literal_key(sql: str) -> str | None:
     return None if key == sql else key
 
 
-def _statement_text(sql: str) -> str:
+def statement_text(sql: str) -> str:
     """What ``_classify`` records as the text of ``sql``'s only statement."""
     text = sql.strip()
     return text[:-1].rstrip() if text.endswith(";") else text
@@ -1121,7 +1121,7 @@ def _canonical(key: str) -> StatementInfo | None:
     if classified.error is not None or len(classified.statements) != 1:
         return None
     info = classified.statements[0]
-    if info.text != _statement_text(key) or "select" not in info.commands or "unknown" in info.groups:
+    if info.text != statement_text(key) or "select" not in info.commands or "unknown" in info.groups:
         return None
     return info
 
@@ -1141,7 +1141,7 @@ def _classify_text(sql: str) -> Classified:
     info = _canonical(key) if key is not None else None
     if info is None:
         return _classify(sql)
-    return Classified(text=sql, statements=(_with_text(info, _statement_text(sql)),))
+    return Classified(text=sql, statements=(_with_text(info, statement_text(sql)),))
 
 
 _classify_cached = lru_cache(maxsize=_CACHE_SIZE)(_classify_text)
