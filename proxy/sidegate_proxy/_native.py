@@ -89,16 +89,21 @@ def select(package: str, package_dir: Path) -> NativeStatus:
     return NativeStatus(False, reason)
 
 
+def _lane_current(package_dir: Path) -> bool:
+    """The lane's extension was built from this very ``_lane.c``."""
+    try:
+        built = json.loads((package_dir / STAMP).read_text()).get(LANE_SOURCE)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return built is not None and built == _digest(package_dir / LANE_SOURCE)
+
+
 def lane(package: str, package_dir: Path, status: NativeStatus) -> ModuleType | None:
     """The native lane, when the compiled data plane runs and the lane was built from this very
     ``_lane.c``; else None (every statement goes through the Python relay)."""
     if not status.active:
         return None
-    try:
-        built = json.loads((package_dir / STAMP).read_text()).get(LANE_SOURCE)
-    except (OSError, ValueError, AttributeError):
-        return None
-    if built is None or built != _digest(package_dir / LANE_SOURCE):
+    if not _lane_current(package_dir):
         return None
     try:
         return importlib.import_module(f"{package}.{LANE}")
@@ -107,4 +112,5 @@ def lane(package: str, package_dir: Path, status: NativeStatus) -> ModuleType | 
 
 
 if __name__ == "__main__":  # `make native`: exit 0 when the compiled modules are current
-    sys.exit(0 if _stale(Path(__file__).parent) is None else 1)
+    here = Path(__file__).parent
+    sys.exit(0 if _stale(here) is None and _lane_current(here) else 1)

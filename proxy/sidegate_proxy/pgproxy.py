@@ -1057,6 +1057,7 @@ class Session:
         """An Execute or simple query the lane saw answered: audited as the Python relay audits it."""
         self.commands += 1
         self._lane_records += 1
+        self.server.lane_statements += 1
         if query is None:
             st = self._lane_chosen[index]
             self._emit_command(st.sql, st.decision, st.command_class, _NO_MASKS, rows, sqlstate, seconds, at)
@@ -1755,6 +1756,7 @@ class ProxyServer:
         self._cancel_keys: dict[int, tuple[int, Session]] = {}
         self._catalog_pools: list[_CatalogPool] = []
         self.lane_slices = 0  # sessions handed to the native lane so far (tests check it was taken)
+        self.lane_statements = 0  # statements it relayed
         self._lane: Any = None  # the native lane's ``Loop``, started with the first session it takes
         self._in_lane: dict[int, Session] = {}
         self._policy = self._make_policy(config, authenticator, guard, masking_engine, workload)
