@@ -23,7 +23,7 @@ LABEL org.opencontainers.image.title="sidegate" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-compile /wheels/*.whl && rm -rf /wheels \
-    && python -c "import sidegate_proxy as p; assert p.NATIVE.active, p.NATIVE.reason" \
+    && python -c "import sidegate_proxy as p; assert p.NATIVE.active, p.NATIVE.reason; assert p.LANE, 'no native lane'" \
     && useradd --uid 65532 --no-create-home --shell /usr/sbin/nologin sidegate
 USER 65532:65532
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1

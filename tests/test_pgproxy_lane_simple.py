@@ -27,7 +27,15 @@ HOLD = {"name": "hold-notes", "sql": {"statements": ["select"], "tables": ["v_cu
 
 
 async def run_psql(p: ProxyUnderTest, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(psql, p, *args, **kwargs)
+    """psql, then until the proxy has recorded its session's end: the lane reports statements in
+    batches, and a session's come before its end."""
+    ended = sum(e.kind == "session_end" for e in p.audit.events)
+    res = await asyncio.to_thread(psql, p, *args, **kwargs)
+    for _ in range(250):
+        if sum(e.kind == "session_end" for e in p.audit.events) > ended:
+            break
+        await asyncio.sleep(0.02)
+    return res
 
 
 def script(template: str, ids: range) -> str:
@@ -113,9 +121,5 @@ async def test_session_end_is_audited_after_the_lane(postgres: PG, tmp_path: Pat
         assert res.returncode == 0, res.stderr
         assert p.server.lane_statements > 0
         assert len(p.audit.commands()) == 10
-        for _ in range(100):  # the session's end is recorded once the proxy has seen psql go
-            if any(e.kind == "session_end" for e in p.audit.events):
-                break
-            await asyncio.sleep(0.02)
         ends = [e for e in p.audit.events if e.kind == "session_end"]
         assert len(ends) == 1 and ends[0].commands == 10

@@ -20,8 +20,7 @@
  *   inject: after a Bind that no Describe of its portal follows, ask for one (and swallow its
  *   answer), as the Python relay does to learn the result shape.
  *   seconds: how long the shapes hold (then the session goes back to Python).
- * recall(token): send a session back to Python now (it finishes what is in flight first,
- *   briefly).
+ * recall(token): send a session back to Python now, with what is in flight.
  * drain() -> (records, done):
  *   records: (token, statement index, wall time, seconds, rows or None, sqlstate or None), one
  *   per Execute the lane saw answered, in order;
@@ -62,9 +61,9 @@ enum {
 #define MAX_PENDING 1024
 #define HIGH_WATER (256 * 1024)
 #define READ_CHUNK (64 * 1024)
-/* Statements answered are reported to Python at most this often (seconds): its thread then
- * wakes once for a batch, not once per statement. Sessions handed back are reported at once. */
-#define REPORT_EVERY 0.001
+/* Statements answered are reported to Python at most every ``report_every`` seconds (Loop's
+ * argument): its thread then wakes once for a batch, not once per statement. Sessions handed back
+ * are reported at once. */
 
 typedef struct {
     char *p;
@@ -115,7 +114,6 @@ struct Lane {
     int inject;
     long max_message;
     double deadline;
-    int sliced; /* the deadline passed: what is in flight may finish, nothing new starts */
     int client_fd, server_fd;
     Side sides[2];
     uint32_t mask[2]; /* what epoll watches on each side */
@@ -884,10 +882,12 @@ typedef struct {
     int signalled;
     int owed;        /* records published but not signalled yet (REPORT_EVERY) */
     double last_signal;
+    double report_every;
     int failed; /* the thread could not go on (no memory, epoll failed): every session came back */
     /* the thread's own */
     Lane *sessions;
     Lane *finishing;
+    double next_deadline; /* the earliest of the sessions' deadlines (INFINITY: none) */
 } LoopObject;
 
 static void lane_free(Lane *lane) {
@@ -923,7 +923,7 @@ static void signal_python(LoopObject *L) { /* under mu */
 static void owe_python(LoopObject *L) { /* under mu */
     if (L->signalled)
         return;
-    if (now_clock(CLOCK_MONOTONIC) - L->last_signal >= REPORT_EVERY)
+    if (now_clock(CLOCK_MONOTONIC) - L->last_signal >= L->report_every)
         signal_python(L);
     else
         L->owed = 1;
@@ -1010,8 +1010,10 @@ static void advance(LoopObject *L, Lane *lane) {
         lane->stop = STOP_SERVER_ERROR;
     if (!lane->stop && buf_send(&lane->cout, lane->client_fd) < 0)
         lane->stop = STOP_CLIENT_ERROR;
-    if (!lane->stop && lane->client_stopped && !lane->p_count)
-        lane->stop = lane->sliced ? STOP_SLICE : STOP_CLIENT;
+    /* back to Python at once, with what is in flight: the server may be waiting for the very
+     * Sync that sits behind the message the lane stopped at */
+    if (!lane->stop && lane->client_stopped)
+        lane->stop = STOP_CLIENT;
     publish_records(L, lane);
     if (!lane->stop) {
         int room = lane->p_count + 2 <= MAX_PENDING && buf_len(&lane->cin) < HIGH_WATER
@@ -1074,31 +1076,30 @@ static void adopt(LoopObject *L, Lane *lane) {
         finish(L, lane);
         return;
     }
+    if (lane->deadline < L->next_deadline)
+        L->next_deadline = lane->deadline;
     advance(L, lane); /* the bytes Python had already read */
 }
 
-/* The time each session's shapes hold: at the deadline it stops reading its client, and what is
- * in flight gets a little longer before the session goes back to Python as it stands. */
+/* The time each session's shapes hold (or a recall): then it goes back to Python as it stands. */
 static int deadlines(LoopObject *L) {
     double now = now_clock(CLOCK_MONOTONIC), next = INFINITY;
+    if (now < L->next_deadline) { /* nothing due: no walk over every session */
+        double ms = (L->next_deadline - now) * 1000.0;
+        return isinf(L->next_deadline) ? -1 : ms > 60000 ? 60000 : (int)ms + 1;
+    }
     Lane *lane = L->sessions;
     while (lane) {
         Lane *following = lane->next; /* finish() unlinks */
         if (lane->deadline <= now) {
-            if (lane->sliced || !lane->p_count) {
-                lane->stop = STOP_SLICE;
-                finish(L, lane);
-            } else {
-                lane->sliced = 1;
-                lane->client_stopped = 1;
-                lane->deadline = now + 0.002;
-                advance(L, lane);
-            }
+            lane->stop = STOP_SLICE;
+            finish(L, lane);
         }
         if (!lane->finished && lane->deadline < next)
             next = lane->deadline;
         lane = following;
     }
+    L->next_deadline = next;
     if (isinf(next))
         return -1;
     double ms = (next - now) * 1000.0;
@@ -1155,8 +1156,7 @@ static void *loop_main(void *arg) {
         for (size_t i = 0; i < n_recalls; i++)
             for (Lane *lane = L->sessions; lane; lane = lane->next)
                 if (lane->token == recalls[i]) {
-                    lane->client_stopped = 1;
-                    lane->deadline = 0; /* deadlines(): in flight gets a moment, then back */
+                    lane->deadline = L->next_deadline = 0; /* deadlines() sends it back */
                     break;
                 }
         if (closing) {
@@ -1174,7 +1174,7 @@ static void *loop_main(void *arg) {
         if (L->owed) {
             owe_python(L);
             if (L->owed) {
-                int ms = (int)((L->last_signal + REPORT_EVERY - now_clock(CLOCK_MONOTONIC)) * 1000.0) + 1;
+                int ms = (int)((L->last_signal + L->report_every - now_clock(CLOCK_MONOTONIC)) * 1000.0) + 1;
                 timeout = timeout < 0 || ms < timeout ? ms : timeout;
             }
         }
@@ -1449,12 +1449,14 @@ static PyObject *loop_close(LoopObject *L, PyObject *Py_UNUSED(ignored)) {
 }
 
 static PyObject *loop_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, ":Loop", kwlist))
+    static char *kwlist[] = {"report_every", NULL};
+    double report_every = 0.001;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|d:Loop", kwlist, &report_every))
         return NULL;
     LoopObject *L = (LoopObject *)type->tp_alloc(type, 0);
     if (!L)
         return NULL;
+    L->report_every = report_every > 0 ? report_every : 0;
     L->epfd = L->wake_fd = L->notify_fd = -1;
     pthread_mutex_init(&L->mu, NULL);
     L->epfd = epoll_create1(EPOLL_CLOEXEC);
@@ -1466,6 +1468,7 @@ static PyObject *loop_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
         Py_DECREF(L);
         return NULL;
     }
+    L->next_deadline = INFINITY;
     int err = pthread_create(&L->thread, NULL, loop_main, L);
     if (err) {
         errno = err;

@@ -119,6 +119,7 @@ MAX_AUDIT_TEMPLATES = 16  # audit templates a session keeps (by decision, class 
 LANE_COMMANDS = frozenset({"select", "insert", "update", "delete"})
 LANE_RECHECK = 1.0
 MAX_LANE_QUERIES = 64  # simple-query shapes a session hands the lane (by literal key)
+LANE_REPORT_EVERY = 0.005  # seconds: how late the lane's statements reach the audit, at most
 _LANE: Final[Any] = LANE
 _NO_MASKS: Final[dict[str, int]] = {}
 _SELECT: Final = frozenset({"select"})
@@ -1782,7 +1783,7 @@ class ProxyServer:
     def _lane_adopt(self, session: Session) -> tuple[Any, int]:
         """The lane, and a token naming ``session`` in what it reports."""
         if self._lane is None:
-            self._lane = _LANE.Loop()
+            self._lane = _LANE.Loop(LANE_REPORT_EVERY)
             asyncio.get_running_loop().add_reader(self._lane.fileno(), self._lane_events)
         self.lane_slices += 1
         token = self.lane_slices
