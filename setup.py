@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 PACKAGE = Path("proxy", "sidegate_proxy")
@@ -40,8 +40,6 @@ def _native_build() -> dict[str, Any]:
     if os.environ.get("SIDEGATE_NATIVE", "") in ("", "0"):
         return {}
     from mypyc.build import mypycify  # needed only when compiling
-
-    from setuptools import Extension
 
     sources = [str(PACKAGE / f"{name}.py") for name in native.COMPILED]
     lane = Extension(f"sidegate_proxy.{native.LANE}", [str(PACKAGE / native.LANE_SOURCE)],
