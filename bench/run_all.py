@@ -193,9 +193,10 @@ def interpretation(results: dict[str, Any]) -> list[str]:
     out.append(
         "- **Caveats**: every process (load generator, proxies, PostgreSQL, upstream, API server) shares "
         f"the same {os.cpu_count()} cores and nothing is pinned, so a proxy that burns CPU also slows the "
-        "load generator and the database; Sidegate's data plane is one Python process (one core at most), "
-        "plus its audit worker with `--audit-worker`; its per-statement modules are compiled with mypyc, "
-        "and `Sidegate (pure Python)` runs the same source uncompiled. "
+        "load generator and the database; Sidegate's data plane is one process: a Python event loop and "
+        "the native lane's thread (statements Python already allowed, relayed without the GIL), plus its "
+        "audit worker with `--audit-worker`; its per-statement modules are compiled with mypyc, and "
+        "`Sidegate (pure Python)` runs the same source uncompiled, without the lane. "
         "`--quick` runs are 3 s long: expect run-to-run noise of 10-20 %, more when the load average "
         f"at start (see Machine) is above 0 on these {os.cpu_count()} cores.")
     return out
