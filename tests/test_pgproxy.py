@@ -283,18 +283,18 @@ async def test_bad_tokens_refused_without_upstream(postgres: PG, tmp_path: Path,
             "subject": p.token(sub="system:serviceaccount:other:intruder"),
             "empty": "",
         }[case]
-        before = await _backends(postgres)
+        before = await client_backends(postgres)
         with pytest.raises(asyncpg.PostgresError) as err:
             await asyncpg.connect(**p.kwargs(token))
         assert err.value.sqlstate == "28P01"
         assert "sidegate: authentication failed" in str(err.value)
         assert p.server.upstream_connects == 0
-        assert await _backends(postgres) == before
+        assert await client_backends(postgres) == before
         [event] = [e for e in p.audit.events if e.kind == "session_start"]
         assert event.decision == "block"
 
 
-async def _backends(pg: PG) -> int:
+async def client_backends(pg: PG) -> int:
     c = await direct(pg)
     try:
         return int(await c.fetchval(

@@ -31,6 +31,7 @@ from pg_fixtures import PG, ProxyUnderTest, run_proxy
 from sidegate_proxy import pgwire
 from sidegate_proxy.audit import AuditEvent
 from sidegate_proxy.pgproxy import ProxySettings
+from test_pgproxy import client_backends, direct
 
 pytestmark = pytest.mark.postgres
 
@@ -43,11 +44,6 @@ NO_LANE = ProxySettings(lane=False)
 def need_lane() -> None:
     if sidegate_proxy.LANE is None:
         pytest.skip("the native lane is not built (or the data plane runs as Python)")
-
-
-async def direct(pg: PG) -> asyncpg.Connection:
-    return await asyncpg.connect(host=pg.host, port=pg.port, user=pg.admin_user, password=pg.admin_password,
-                                 database=pg.database, ssl=False)
 
 
 async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
@@ -672,15 +668,6 @@ async def test_cancel_psycopg_statement_in_the_lane(postgres: PG, tmp_path: Path
 # --------------------------------------------------------------------------- 7. client disconnect
 
 
-async def client_backends(pg: PG) -> int:
-    ref = await direct(pg)
-    try:
-        return int(await ref.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"))
-    finally:
-        await ref.close()
-
-
 async def test_client_vanishes_while_in_the_lane(postgres: PG, tmp_path: Path) -> None:
     need_lane()
     async with run_proxy(postgres, tmp_path) as p:
@@ -950,3 +937,26 @@ def test_still_serving_after_lane_fuzzing(lane_trail: AuditTrail) -> None:
         reply = read_until_ready(s, "query")
         assert RED.encode() in reply and b"customer1@" not in reply
     lane_trail.check()
+
+
+# --------------------------------------------------------------------------- 9. idle timeout
+
+
+async def test_idle_timeout_reaches_sessions_in_the_lane(postgres: PG, tmp_path: Path) -> None:
+    """A session idle in the lane still times out; one whose statement runs in it does not."""
+    need_lane()
+    async with run_proxy(postgres, tmp_path, settings=ProxySettings(idle_timeout=0.5)) as p:
+        c = await asyncpg.connect(**p.kwargs())
+        try:
+            slow = await c.prepare("SELECT 7 FROM pg_sleep($1)")
+            for _ in range(3):
+                assert await slow.fetchval(0.0) == 7  # the lane has the session from here
+            assert await slow.fetchval(1.2) == 7  # busy upstream, not idle
+            await asyncio.sleep(1.5)
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):  # closed by the proxy
+                await slow.fetchval(0.0)
+        finally:
+            await c.close(timeout=2)
+        ends = await sessions_ended(p, 1)
+        assert p.server.lane_slices > 0
+        assert ends[0].commands == 4
