@@ -960,3 +960,20 @@ async def test_idle_timeout_reaches_sessions_in_the_lane(postgres: PG, tmp_path:
         ends = await sessions_ended(p, 1)
         assert p.server.lane_slices > 0
         assert ends[0].commands == 4
+
+
+async def test_messages_larger_than_the_lane_buffers(postgres: PG, tmp_path: Path) -> None:
+    """A Bind bigger than the lane's high-water mark (256 KiB) and results bigger than it."""
+    need_lane()
+    async with run_proxy(postgres, tmp_path) as p:
+        c = await asyncpg.connect(**p.kwargs())
+        try:
+            stmt = await c.prepare("SELECT length($1::text), repeat('x', $2)")
+            for size in (10, 300_000, 1_000_000, 10, 2_000_000):
+                n, big = await stmt.fetchrow("y" * size, size)
+                assert n == size and big == "x" * size
+            assert p.server.lane_slices > 0
+        finally:
+            await c.close()
+        await sessions_ended(p, 1)
+        assert p.server.lane_statements >= 4

@@ -1000,6 +1000,19 @@ static void publish_finished(LoopObject *L) {
     pthread_mutex_unlock(&L->mu);
 }
 
+/* Whether the client's bytes may grow: below the high-water mark, or short of one whole message
+ * (a Bind with large parameters may be bigger than the mark; max_message bounds it). */
+static int client_room(const Lane *lane) {
+    const Buf *b = &lane->cin;
+    size_t have = buf_len(b), limit = HIGH_WATER;
+    if (have >= 5) {
+        size_t need = (size_t)be32(b->p + b->start + 1) + 1;
+        if (need > limit)
+            limit = need;
+    }
+    return have < limit;
+}
+
 /* Relay what the buffers allow, then stop the session or watch for what it needs next. */
 static void advance(LoopObject *L, Lane *lane) {
     if (!lane->stop)
@@ -1016,8 +1029,7 @@ static void advance(LoopObject *L, Lane *lane) {
         lane->stop = STOP_CLIENT;
     publish_records(L, lane);
     if (!lane->stop) {
-        int room = lane->p_count + 2 <= MAX_PENDING && buf_len(&lane->cin) < HIGH_WATER
-                   && buf_len(&lane->sout) < HIGH_WATER;
+        int room = lane->p_count + 2 <= MAX_PENDING && client_room(lane) && buf_len(&lane->sout) < HIGH_WATER;
         uint32_t client = (!lane->client_stopped && room ? EPOLLIN : 0)
                           | (buf_len(&lane->cout) ? EPOLLOUT : 0);
         uint32_t server = (buf_len(&lane->cout) < HIGH_WATER ? EPOLLIN : 0) | (buf_len(&lane->sout) ? EPOLLOUT : 0);
