@@ -16,7 +16,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,17 @@ async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def psycopg_via_and_direct(
+    pg: PG, tmp_path: Path,
+) -> AsyncIterator[tuple[ProxyUnderTest, psycopg.AsyncConnection[Any], psycopg.AsyncConnection[Any]]]:
+    """A proxy, a psycopg connection through it and one straight to PostgreSQL (autocommit)."""
+    async with run_proxy(pg, tmp_path) as p, \
+            await psycopg.AsyncConnection.connect(p.dsn(), autocommit=True) as via, \
+            await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as ref:
+        yield p, via, ref
 
 
 def session_ends(p: ProxyUnderTest) -> list[AuditEvent]:
@@ -230,9 +241,7 @@ async def test_prepared_results_and_audit_equal_python_relay(postgres: PG, tmp_p
 
 async def test_psycopg_prepared_text_and_binary(postgres: PG, tmp_path: Path) -> None:
     need_lane()
-    async with run_proxy(postgres, tmp_path) as p, \
-            await psycopg.AsyncConnection.connect(p.dsn(), autocommit=True) as via, \
-            await psycopg.AsyncConnection.connect(postgres.dsn, autocommit=True) as ref:
+    async with psycopg_via_and_direct(postgres, tmp_path) as (p, via, ref):
         sql = "SELECT id, name, salary, note FROM customers WHERE id BETWEEN %s AND %s ORDER BY id"
         for i in range(30):
             args = (i, i + i % 7)
@@ -426,21 +435,31 @@ async def division_errors(c: asyncpg.Connection) -> None:
     assert await div.fetch(5) == [(2,)]
 
 
-async def test_error_inside_the_lane(postgres: PG, tmp_path: Path) -> None:
-    need_lane()
-    trails = []
+async def with_and_without_lane(
+    pg: PG, tmp_path: Path, work: Callable[[asyncpg.Connection], Coroutine[Any, Any, None]],
+) -> list[ProxyUnderTest]:
+    """``work`` on an asyncpg session through a proxy with the lane, then through one without:
+    the two proxies, once their session has ended."""
+    proxies = []
     for settings_ in (None, NO_LANE):
-        async with run_proxy(postgres, tmp_path, settings=settings_) as p:
+        async with run_proxy(pg, tmp_path, settings=settings_) as p:
             c = await asyncpg.connect(**p.kwargs())
             try:
-                await division_errors(c)
+                await work(c)
             finally:
                 await c.close()
             await sessions_ended(p, 1)
             assert (p.server.lane_slices > 0) == (settings_ is None)
-            assert_commands_counted(p)
-            trails.append(p.audit.commands())
-    lane, plain = trails
+            proxies.append(p)
+    return proxies
+
+
+async def test_error_inside_the_lane(postgres: PG, tmp_path: Path) -> None:
+    need_lane()
+    proxies = await with_and_without_lane(postgres, tmp_path, division_errors)
+    for p in proxies:
+        assert_commands_counted(p)
+    lane, plain = (p.audit.commands() for p in proxies)
     assert outcome(lane) == outcome(plain)
     events = [e for e in lane if e.command == "SELECT 10 / $1::int"]
     assert [(e.rows, e.sqlstate) for e in events] == \
@@ -502,9 +521,7 @@ async def test_asyncpg_executemany(postgres: PG, tmp_path: Path) -> None:
 
 async def test_psycopg_pipeline_of_prepared_selects(postgres: PG, tmp_path: Path) -> None:
     need_lane()
-    async with run_proxy(postgres, tmp_path) as p, \
-            await psycopg.AsyncConnection.connect(p.dsn(), autocommit=True) as via, \
-            await psycopg.AsyncConnection.connect(postgres.dsn, autocommit=True) as ref:
+    async with psycopg_via_and_direct(postgres, tmp_path) as (p, via, ref):
         one = "SELECT id, name FROM customers WHERE id = %s"
         many = "SELECT count(*), sum(amount) FROM orders WHERE customer_id <= %s"
         for i in range(1, 4):  # prepared and the lane engaged before the pipelines
@@ -624,18 +641,12 @@ async def cancel_with_asyncpg(pg: PG, c: asyncpg.Connection) -> None:
 
 async def test_cancel_asyncpg_statement_in_the_lane(postgres: PG, tmp_path: Path) -> None:
     need_lane()
-    trails = []
-    for settings_ in (None, NO_LANE):
-        async with run_proxy(postgres, tmp_path, settings=settings_) as p:
-            c = await asyncpg.connect(**p.kwargs())
-            try:
-                await cancel_with_asyncpg(postgres, c)
-            finally:
-                await c.close()
-            await sessions_ended(p, 1)
-            assert (p.server.lane_slices > 0) == (settings_ is None)
-            trails.append([e for e in p.audit.commands() if e.command and "lane-cancel-a" in e.command])
-    lane, plain = trails
+
+    async def work(c: asyncpg.Connection) -> None:
+        await cancel_with_asyncpg(postgres, c)
+
+    proxies = await with_and_without_lane(postgres, tmp_path, work)
+    lane, plain = ([e for e in p.audit.commands() if e.command and "lane-cancel-a" in e.command] for p in proxies)
     assert [(e.rows, e.sqlstate) for e in lane] == [(1, None)] * 3 + [(None, "57014"), (1, None)]
     assert outcome(lane) == outcome(plain)
     assert 250 <= (lane[3].duration_ms or 0) < 5000  # it ran until the cancel

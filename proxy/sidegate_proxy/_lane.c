@@ -24,7 +24,7 @@
  * drain() -> (records, done):
  *   records: (token, statement index, wall time, seconds, rows or None, sqlstate or None), one
  *   per Execute the lane saw answered, in order;
- *   done: (token, (stop, client_rest, server_rest, to_client, to_server, [], pending, bound,
+ *   done: (token, (stop, client_rest, server_rest, to_client, to_server, pending, bound,
  *   last_client)) of sessions handed back: the bytes not relayed each way, those not yet written
  *   each way, requests in flight as (kind, statement index, bind serial, started), the unnamed
  *   portal's last Bind here as (bind serial, statement index) or None, and when the client last
@@ -91,6 +91,13 @@ typedef struct {
 
 typedef struct Lane Lane;
 
+/* Byte strings Python handed over (copied into the lane's blob), found by their index. */
+typedef struct {
+    const char **items;
+    size_t *lens;
+    Py_ssize_t n;
+} Table;
+
 typedef struct {
     Lane *lane;
     int side; /* CLIENT or SERVER */
@@ -100,16 +107,10 @@ enum { CLIENT = 0, SERVER = 1 };
 
 struct Lane {
     long token;
-    char *blob; /* the statement names and shapes, copied: the lane outlives the call */
-    const char **names;
-    size_t *name_lens;
-    Py_ssize_t n_names;
-    const char **shapes;
-    size_t *shape_lens;
-    Py_ssize_t n_shapes; /* -1: every result passes */
-    const char **queries; /* literal keys (see literal_key) of simple queries Python allows */
-    size_t *query_lens;
-    Py_ssize_t n_queries;
+    char *blob; /* the tables' bytes, copied: the lane outlives the call */
+    Table statements; /* names of the prepared statements Python allows */
+    Table queries;    /* literal keys (see literal_key) of simple queries Python allows */
+    Table shapes;     /* RowDescriptions with nothing to mask; n -1: every result passes */
     Buf key;
     int inject;
     long max_message;
@@ -239,9 +240,9 @@ static int all_ascii(const char *s, size_t n) {
     return 1;
 }
 
-static int find_statement(const Lane *lane, const char *name, size_t n) {
-    for (Py_ssize_t i = 0; i < lane->n_names; i++)
-        if (lane->name_lens[i] == n && memcmp(lane->names[i], name, n) == 0)
+static int table_find(const Table *t, const char *key, size_t n) {
+    for (Py_ssize_t i = 0; i < t->n; i++)
+        if (t->lens[i] == n && memcmp(t->items[i], key, n) == 0)
             return (int)i;
     return -1;
 }
@@ -269,7 +270,7 @@ static int bind_statement(const Lane *lane, const char *body, size_t n) {
     long sl = cstr_len(body, n, 1);
     if (sl < 0)
         return -1;
-    int statement = find_statement(lane, body + 1, (size_t)sl);
+    int statement = table_find(&lane->statements, body + 1, (size_t)sl);
     if (statement < 0)
         return -1;
     size_t pos = format_codes(body, n, 1 + (size_t)sl + 1);
@@ -600,13 +601,6 @@ static long literal_key(const char *s, size_t n, Buf *out) {
     return (long)buf_len(out);
 }
 
-static int find_query(const Lane *lane, const char *key, size_t n) {
-    for (Py_ssize_t i = 0; i < lane->n_queries; i++)
-        if (lane->query_lens[i] == n && memcmp(lane->queries[i], key, n) == 0)
-            return (int)i;
-    return -1;
-}
-
 /* ------------------------------------------------------------------ the two directions */
 
 static const char DESCRIBE_UNNAMED_PORTAL[] = {'D', 0, 0, 0, 6, 'P', 0};
@@ -656,15 +650,17 @@ static void from_client(Lane *lane) {
             }
             continue;
         }
-        case 'D':
+        case 'D': {
+            int described = n >= 2 && body[0] == 'S' && memchr(body + 1, 0, n - 1) == body + n - 1
+                                ? table_find(&lane->statements, body + 1, n - 2) : -1;
             if (n == 2 && body[0] == 'P' && body[1] == 0 && lane->serial)
                 push(lane, K_DESCRIBE_PORTAL, lane->bound_statement, 0);
-            else if (n >= 2 && body[0] == 'S' && body[n - 1] == 0 && memchr(body + 1, 0, n - 1) == body + n - 1
-                     && find_statement(lane, body + 1, n - 2) >= 0)
-                push(lane, K_DESCRIBE_STATEMENT, find_statement(lane, body + 1, n - 2), 0);
+            else if (described >= 0)
+                push(lane, K_DESCRIBE_STATEMENT, described, 0);
             else
                 ok = 0;
             break;
+        }
         case 'E':
             if (n == 5 && body[0] == 0 && lane->serial) {
                 started = now_clock(CLOCK_MONOTONIC);
@@ -684,7 +680,7 @@ static void from_client(Lane *lane) {
             break;
         case 'Q': { /* a simple query whose shape Python allowed, at a quiet moment like Python's own */
             long key = n >= 1 && body[n - 1] == 0 && !lane->p_count ? literal_key(body, n - 1, &lane->key) : -1;
-            int query = key < 0 ? -1 : find_query(lane, lane->key.p, (size_t)key);
+            int query = key < 0 ? -1 : table_find(&lane->queries, lane->key.p, (size_t)key);
             if (query < 0) {
                 ok = 0;
                 break;
@@ -716,12 +712,9 @@ static void from_client(Lane *lane) {
 }
 
 static int shape_passes(const Lane *lane, const char *frame, size_t size) {
-    if (lane->n_shapes < 0)
+    if (lane->shapes.n < 0)
         return row_description_ok(frame + 5, size - 5);
-    for (Py_ssize_t i = 0; i < lane->n_shapes; i++)
-        if (lane->shape_lens[i] == size && memcmp(lane->shapes[i], frame, size) == 0)
-            return 1;
-    return 0;
+    return table_find(&lane->shapes, frame, size) >= 0;
 }
 
 /* Server messages answering the lane's requests; the first one Python must see stops the lane. */
@@ -1213,7 +1206,7 @@ static PyObject *record_tuple(long token, const Record *r) {
     return item;
 }
 
-/* A session handed back: (token, (stop, client_rest, server_rest, to_client, to_server, [],
+/* A session handed back: (token, (stop, client_rest, server_rest, to_client, to_server,
  * pending, bound, last_client)). Records it still holds (no memory to publish them) go first
  * into ``records``. */
 static PyObject *done_tuple(Lane *lane, PyObject *records) {
@@ -1244,39 +1237,35 @@ static PyObject *done_tuple(Lane *lane, PyObject *records) {
     PyObject *bound = lane->serial ? Py_BuildValue("(li)", lane->serial, lane->bound_statement) : Py_NewRef(Py_None);
     PyObject *cin = buf_bytes(&lane->cin), *sin = buf_bytes(&lane->sin);
     PyObject *cout = buf_bytes(&lane->cout), *sout = buf_bytes(&lane->sout);
-    PyObject *none = PyList_New(0);
     PyObject *result = NULL;
-    if (bound && cin && sin && cout && sout && none)
-        result = Py_BuildValue("(l(iOOOOOOOd))", lane->token, lane->stop, cin, sin, cout, sout, none, pending, bound,
+    if (bound && cin && sin && cout && sout)
+        result = Py_BuildValue("(l(iOOOOOOd))", lane->token, lane->stop, cin, sin, cout, sout, pending, bound,
                                lane->last_client);
     Py_XDECREF(bound);
     Py_XDECREF(cin);
     Py_XDECREF(sin);
     Py_XDECREF(cout);
     Py_XDECREF(sout);
-    Py_XDECREF(none);
     Py_DECREF(pending);
     return result;
 }
 
-/* Copy a tuple of bytes into ``blob`` at ``*used``: pointers and lengths into the copy. */
-static int copy_bytes_tuple(PyObject *tuple, char *blob, size_t *used, const char ***ptrs, size_t **lens,
-                            Py_ssize_t *count) {
+/* Copy a tuple of bytes into ``blob`` at ``*used``: a table of pointers into the copy. */
+static void copy_bytes_tuple(PyObject *tuple, char *blob, size_t *used, Table *t) {
     Py_ssize_t n = PyTuple_GET_SIZE(tuple);
-    *ptrs = (const char **)(blob + *used);
+    t->items = (const char **)(blob + *used);
     *used += ((size_t)n + 1) * sizeof(char *);
-    *lens = (size_t *)(blob + *used);
+    t->lens = (size_t *)(blob + *used);
     *used += ((size_t)n + 1) * sizeof(size_t);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyTuple_GET_ITEM(tuple, i);
         size_t len = (size_t)PyBytes_GET_SIZE(item);
         memcpy(blob + *used, PyBytes_AS_STRING(item), len);
-        (*ptrs)[i] = blob + *used;
-        (*lens)[i] = len;
+        t->items[i] = blob + *used;
+        t->lens[i] = len;
         *used += (len + 7) & ~(size_t)7;
     }
-    *count = n;
-    return 0;
+    t->n = n;
 }
 
 static size_t tuple_size(PyObject *tuple) {
@@ -1332,11 +1321,11 @@ static PyObject *loop_adopt(LoopObject *L, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    copy_bytes_tuple(statements, lane->blob, &used, &lane->names, &lane->name_lens, &lane->n_names);
-    copy_bytes_tuple(queries, lane->blob, &used, &lane->queries, &lane->query_lens, &lane->n_queries);
-    lane->n_shapes = -1;
+    copy_bytes_tuple(statements, lane->blob, &used, &lane->statements);
+    copy_bytes_tuple(queries, lane->blob, &used, &lane->queries);
+    lane->shapes.n = -1;
     if (shapes != Py_None)
-        copy_bytes_tuple(shapes, lane->blob, &used, &lane->shapes, &lane->shape_lens, &lane->n_shapes);
+        copy_bytes_tuple(shapes, lane->blob, &used, &lane->shapes);
     if (buf_append(&lane->cin, client_bytes.buf, (size_t)client_bytes.len) < 0
         || buf_append(&lane->sin, server_bytes.buf, (size_t)server_bytes.len) < 0) {
         PyErr_NoMemory();
@@ -1573,7 +1562,7 @@ PyMODINIT_FUNC PyInit__lane(void) {
         {"STOP_CLIENT", STOP_CLIENT}, {"STOP_SERVER", STOP_SERVER}, {"STOP_SLICE", STOP_SLICE},
         {"STOP_CLIENT_EOF", STOP_CLIENT_EOF}, {"STOP_SERVER_EOF", STOP_SERVER_EOF},
         {"STOP_CLIENT_ERROR", STOP_CLIENT_ERROR}, {"STOP_SERVER_ERROR", STOP_SERVER_ERROR},
-        {"STOP_NO_MEMORY", STOP_NO_MEMORY}, {"MAX_PENDING", MAX_PENDING},
+        {"STOP_NO_MEMORY", STOP_NO_MEMORY},
     };
     for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)
         if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0) {

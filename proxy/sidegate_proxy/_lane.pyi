@@ -14,14 +14,13 @@ STOP_SERVER_EOF: int
 STOP_CLIENT_ERROR: int
 STOP_SERVER_ERROR: int
 STOP_NO_MEMORY: int
-MAX_PENDING: int
 
 # token, statement (or query shape) index, wall time, seconds, rows, sqlstate, query string (simple query)
 Record = tuple[int, int, float, float, int | None, str | None, bytes | None]
 # kind, statement (or query shape) index, bind serial, started (monotonic), query string, answered
 InFlight = tuple[int, int, int, float, bytes | None, int]
-# stop, client_rest, server_rest, to_client, to_server, (unused), in flight, bound, last_client
-HandedBack = tuple[int, bytes, bytes, bytes, bytes, list[Record], list[InFlight], tuple[int, int] | None, float]
+# stop, client_rest, server_rest, to_client, to_server, in flight, bound, last_client
+HandedBack = tuple[int, bytes, bytes, bytes, bytes, list[InFlight], tuple[int, int] | None, float]
 
 def literal_key(text: bytes, /) -> bytes | None: ...
 
@@ -30,8 +29,7 @@ class Loop:
     def adopt(
         self, token: int, client_fd: int, server_fd: int, client_bytes: bytes, server_bytes: bytes,
         statements: tuple[bytes, ...], queries: tuple[bytes, ...], shapes: tuple[bytes, ...] | None, inject: bool,
-        max_message: int,
-        seconds: float, /,
+        max_message: int, seconds: float, /,
     ) -> None: ...
     def recall(self, token: int, /) -> None: ...
     def drain(self) -> tuple[list[Record], list[tuple[int, HandedBack]]]: ...

@@ -357,13 +357,14 @@ ApprovalHook = Callable[["Session", str, SQLVerdict], Awaitable[Decision]]
 
 
 class _Statement:
-    __slots__ = ("command_class", "decision", "sql", "verdict")
+    __slots__ = ("command_class", "decision", "native", "sql", "verdict")
 
     def __init__(self, sql: str, verdict: SQLVerdict, decision: Decision, command_class: str | None) -> None:
         self.sql = sql
         self.verdict = verdict
         self.decision = decision  # what allowed it: the guardrail's verdict, or an approval
         self.command_class = command_class  # for the audit of each execution, worked out once
+        self.native = decision.allowed and verdict.commands <= LANE_COMMANDS  # the lane may relay it
 
 
 class _Portal:
@@ -562,13 +563,14 @@ class Session:
         self._lane_run: asyncio.Future[None] | None = None
         self._lane_token = 0
         self._lane_chosen: list[_Statement] = []
-        # simple queries the guardrails allowed outright, by the lane's literal key of their text:
-        # the decision and command class every query of that shape gets
-        self._lane_queries: dict[bytes, tuple[Decision, str]] = {}
-        self._lane_query_info: list[tuple[Decision, str]] = []
+        # simple queries the guardrails allowed outright (one SELECT each), by the lane's literal
+        # key of their text: the decision every query of that shape gets
+        self._lane_queries: dict[bytes, Decision] = {}
+        self._lane_query_decisions: list[Decision] = []
         self._lane_records = 0
+        # stays that relayed nothing make the next ones wait: cycles to skip, and the last wait
         self._lane_skip = 0
-        self._lane_skip_next = 0
+        self._lane_backoff = 0
         self._lane_resuming = False
 
     @property
@@ -1015,7 +1017,7 @@ class Session:
         names: list[bytes] = []
         chosen: list[_Statement] = []
         for name, st in self.statements.items():
-            if st.decision.allowed and st.verdict.commands <= LANE_COMMANDS:
+            if st.native:
                 names.append(name.encode())
                 chosen.append(st)
         if not chosen and not self._lane_queries:
@@ -1049,7 +1051,7 @@ class Session:
             return
         self._lane_token = token
         self._lane_chosen = chosen
-        self._lane_query_info = list(self._lane_queries.values())
+        self._lane_query_decisions = list(self._lane_queries.values())
         self._lane_records = 0
         self._lane_run = self._loop.create_future()
 
@@ -1063,9 +1065,8 @@ class Session:
             st = self._lane_chosen[index]
             self._emit_command(st.sql, st.decision, st.command_class, _NO_MASKS, rows, sqlstate, seconds, at)
         else:
-            decision, command_class = self._lane_query_info[index]
-            self._emit_command(statement_text(query.decode("ascii")), decision, command_class, _NO_MASKS, rows,
-                               sqlstate, seconds, at)
+            self._emit_command(statement_text(query.decode("ascii")), self._lane_query_decisions[index], "select",
+                               _NO_MASKS, rows, sqlstate, seconds, at)
 
     def _lane_query_allowed(self, msg: Query, verdict: SQLVerdict, decision: Decision) -> None:
         """A simple query the guardrails let through outright: the lane may relay its shape."""
@@ -1077,7 +1078,7 @@ class Session:
             return
         if len(self._lane_queries) >= MAX_LANE_QUERIES:
             self._lane_queries.clear()
-        self._lane_queries[key] = (decision, "select")
+        self._lane_queries[key] = decision
 
     def _lane_done(self, stop: int, client_rest: bytes, server_rest: bytes, to_client: bytes, to_server: bytes,
                    in_flight: list[tuple[int, int, int, float, bytes | None, int]], bound: tuple[int, int] | None,
@@ -1092,8 +1093,7 @@ class Session:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("session %s: back from the lane (%d) after %d statements, %d requests in flight",
                       self.id, stop, self._lane_records, len(in_flight))
-        self._lane_skip = 0 if self._lane_records else min(2 * self._lane_skip_next + 1, 64)
-        self._lane_skip_next = self._lane_skip
+        self._lane_skip = self._lane_backoff = 0 if self._lane_records else min(2 * self._lane_backoff + 1, 64)
         lane = _LANE
         chosen = self._lane_chosen
         assert self._transports is not None
@@ -1118,7 +1118,7 @@ class Session:
                 assert self.caller is not None
                 sql = query.decode("ascii")
                 verdict = self.policy.guard.check_sql(self.caller, sql, self.prepared)
-                asked = _Pending("query", verdict=verdict, decision=self._lane_query_info[index][0])
+                asked = _Pending("query", verdict=verdict, decision=self._lane_query_decisions[index])
                 asked.started = started
                 asked.index = answered
                 self.pending.append(asked)
@@ -1806,11 +1806,11 @@ class ProxyServer:
             session = sessions.get(token)
             if session is not None:
                 session._lane_record(index, at, seconds, rows, sqlstate, query)
-        for token, (stop, client_rest, server_rest, to_client, to_server, _, in_flight, bound, last) in done:
+        for token, handed_back in done:
             session = sessions.pop(token, None)
             if session is not None:
                 try:
-                    session._lane_done(stop, client_rest, server_rest, to_client, to_server, in_flight, bound, last)
+                    session._lane_done(*handed_back)
                 except Exception as exc:
                     session._end(exc)
 
