@@ -42,7 +42,8 @@ def _native_build() -> dict[str, Any]:
     from mypyc.build import mypycify  # needed only when compiling
 
     sources = [str(PACKAGE / f"{name}.py") for name in native.COMPILED]
-    lane = Extension(f"sidegate_proxy.{native.LANE}", [str(PACKAGE / native.LANE_SOURCE)],
+    lane_sources = [str(PACKAGE / name) for name in native.LANE_SOURCES if name.endswith(".c")]
+    lane = Extension(f"sidegate_proxy.{native.LANE}", lane_sources,
                      extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror"])
     return {"ext_modules": [*mypycify(sources, opt_level="3", group_name="sidegate_proxy._compiled"), lane],
             "cmdclass": {"build_ext": BuildWithStamp}}

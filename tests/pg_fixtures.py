@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
 import pwd
 import secrets
@@ -35,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from oidc_issuer import OIDCIssuer
-from sidegate_proxy.audit import AuditEvent, AuditLog, CommandTemplate
+from sidegate_proxy.audit import AuditEvent, AuditLog, CommandTemplate, command_event
 from sidegate_proxy.config import ProxyConfig, build_config
 from sidegate_proxy.guardrails import Guard
 from sidegate_proxy.identity import Authenticator
@@ -247,12 +248,27 @@ def postgres_tls_wrong_host(test_ca: TestCA) -> Iterator[TLSPG]:
 # --------------------------------------------------------------------------- the proxy, in-process
 
 
+def sealed_command(record: dict[str, Any]) -> AuditEvent:
+    """The command event a record sealed by the native lane stands for, as far as tests compare
+    events (statement, decision, class, rows, duration, session, time); the record itself is
+    checked byte for byte against ``Chain.seal_run`` in tests/test_seal.py."""
+    extra = record["unmapped"]
+    assert extra["event"] == "command" and "sqlstate" not in extra and "masked" not in extra, record
+    return command_event(
+        session_id=record["actor"]["session"]["uid"], connection=extra["connection"], connection_type="postgres",
+        caller=None, command=record["query_info"]["query_string"], decision=extra["decision"],
+        command_class=extra.get("command_class"), rows=extra.get("rows"), duration_ms=record["duration"],
+        time=record["time"] / 1000,
+    )
+
+
 class RecordingAuditLog(AuditLog):
     """The real audit log (spool, chain) that also keeps every event for assertions."""
 
     def __init__(self, spool: Path) -> None:
         super().__init__(spool, [], b"k" * 32, "test", fsync=False, flush_interval=0.01)
         self.events: list[AuditEvent] = []
+        self.sealed = 0  # command records the native lane sealed itself
 
     def emit_nowait(self, event: AuditEvent | Mapping[str, Any]) -> dict[str, Any]:
         assert isinstance(event, AuditEvent)
@@ -268,6 +284,13 @@ class RecordingAuditLog(AuditLog):
         assert isinstance(event, AuditEvent)
         self.events.append(event)
         return await super().emit(event)
+
+    def append_sealed(self, lines: bytes, count: int) -> None:
+        """Lines the native lane sealed: recorded as the command events they stand for."""
+        assert lines.count(b"\n") == count and lines.endswith(b"\n")
+        self.events.extend(sealed_command(json.loads(line)) for line in lines.splitlines())
+        self.sealed += count
+        super().append_sealed(lines, count)
 
     def commands(self) -> list[AuditEvent]:
         return [e for e in self.events if e.kind == "command"]

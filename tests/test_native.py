@@ -148,7 +148,8 @@ def _lane_package(tmp_path: Path) -> Path:
     pkg = tmp_path / "lanepkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / _native.LANE_SOURCE).write_text("/* the lane */\n")
+    for name in _native.LANE_SOURCES:
+        (pkg / name).write_text(f"/* {name} */\n")
     (pkg / f"{_native.LANE}.py").write_text("KIND = 'lane'\n")  # stands in for the extension
     (pkg / _native.STAMP).write_text("{}")
     return pkg
@@ -159,11 +160,13 @@ def test_the_lane_loads_only_when_built_from_this_source(tmp_path: Path, monkeyp
     pkg = _lane_package(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     active, inactive = _native.NativeStatus(True, "compiled"), _native.NativeStatus(False, "pure")
-    current = hashlib.sha256((pkg / _native.LANE_SOURCE).read_bytes()).hexdigest()
+    current = {name: hashlib.sha256((pkg / name).read_bytes()).hexdigest() for name in _native.LANE_SOURCES}
     assert _native.lane("lanepkg", pkg, active) is None  # never built
-    (pkg / _native.STAMP).write_text(json.dumps({_native.LANE_SOURCE: "0" * 64}))
+    (pkg / _native.STAMP).write_text(json.dumps({**current, _native.LANE_SOURCE: "0" * 64}))
     assert _native.lane("lanepkg", pkg, active) is None  # built from another source
-    (pkg / _native.STAMP).write_text(json.dumps({_native.LANE_SOURCE: current}))
+    (pkg / _native.STAMP).write_text(json.dumps({**current, "_seal.c": "0" * 64}))
+    assert _native.lane("lanepkg", pkg, active) is None  # the sealer it links was built from another
+    (pkg / _native.STAMP).write_text(json.dumps(current))
     assert _native.lane("lanepkg", pkg, inactive) is None  # the data plane runs as Python
     lane = _native.lane("lanepkg", pkg, active)
     assert lane is not None and lane.KIND == "lane"

@@ -29,6 +29,10 @@
  *   each way, requests in flight as (kind, statement index, bind serial, started), the unnamed
  *   portal's last Bind here as (bind serial, statement index) or None, and when the client last
  *   sent anything (CLOCK_MONOTONIC seconds; 0.0: nothing).
+ * drain_sealed(sealer, chain, shapes, bounds): drain(), with the records sealed onto the audit
+ *   chain in C first (_seal.c), as far as they have a shape: shapes[token] = (statement shapes,
+ *   query shapes). Returns (lines, sealed, counts per token, latency buckets or None, the
+ *   records left for Python, done).
  * close(): every session goes back to Python (drain() has them), the thread ends.
  */
 #define PY_SSIZE_T_CLEAN
@@ -45,6 +49,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
+
+#include "_seal.h"
 
 enum { K_BIND = 1, K_DESCRIBE_PORTAL, K_DESCRIBE_STATEMENT, K_INJECT, K_EXECUTE, K_SYNC, K_QUERY };
 enum {
@@ -1379,7 +1385,94 @@ static PyObject *loop_recall(LoopObject *L, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *loop_drain(LoopObject *L, PyObject *Py_UNUSED(ignored)) {
+static int add_count(PyObject *counts, long token, long long n) {
+    PyObject *key = PyLong_FromLong(token);
+    PyObject *had = key ? PyDict_GetItemWithError(counts, key) : NULL;
+    PyObject *sum = key && !PyErr_Occurred() ? PyLong_FromLongLong((had ? PyLong_AsLongLong(had) : 0) + n) : NULL;
+    int ok = sum ? PyDict_SetItem(counts, key, sum) : -1;
+    Py_XDECREF(key);
+    Py_XDECREF(sum);
+    return ok;
+}
+
+/* The shape a record is sealed with: shapes[token] is (statement shapes, query shapes). */
+static PyObject *record_shape(PyObject *shapes, long token, const Record *r) {
+    PyObject *key = PyLong_FromLong(token);
+    PyObject *entry = key ? PyDict_GetItemWithError(shapes, key) : NULL;
+    Py_XDECREF(key);
+    if (!entry || !PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2)
+        return NULL;
+    PyObject *table = PyTuple_GET_ITEM(entry, r->text ? 1 : 0);
+    if (!PyTuple_Check(table) || r->statement < 0 || r->statement >= PyTuple_GET_SIZE(table))
+        return NULL;
+    return PyTuple_GET_ITEM(table, r->statement);
+}
+
+/* Latency buckets of the records sealed here (Prometheus' histogram: the first upper bound not
+ * below each), for Python to add to its histogram at once. */
+typedef struct {
+    const double *bounds;
+    Py_ssize_t n;
+    long long *counts;
+    double total;
+} Buckets;
+
+static void bucket_add(Buckets *b, double seconds) {
+    if (!b->n)
+        return;
+    b->total += seconds;
+    for (Py_ssize_t i = 0; i < b->n; i++)
+        if (seconds <= b->bounds[i]) {
+            b->counts[i]++;
+            return;
+        }
+}
+
+/* Seal the longest run of records from the first that have a shape (see _seal.c); the count of
+ * records sealed (0 when none could be, the chain then as it was). */
+static size_t seal_records(PyObject *sealer, PyObject *chain, PyObject *shapes, const OutRecord *out, size_t n_out,
+                           SealOut *lines, PyObject *counts, Buckets *buckets) {
+    SealChain c;
+    if (seal_chain_read(chain, &c) < 0) {
+        PyErr_WriteUnraisable(chain);
+        return 0;
+    }
+    size_t i = 0;
+    long last_token = 0;
+    long long run = 0; /* records of last_token in a row, added to counts when the token changes */
+    while (i < n_out) {
+        const Record *r = &out[i].r;
+        PyObject *shape = record_shape(shapes, out[i].token, r);
+        SealRun one = {r->wall, r->seconds, r->rows, r->sqlstate, r->text, r->text_len};
+        if (!shape || seal_one(sealer, &c, shape, &one, lines) != 1)
+            break;
+        i++;
+        bucket_add(buckets, r->seconds);
+        if (run && out[i - 1].token != last_token) {
+            int failed = add_count(counts, last_token, run) < 0;
+            run = 0;
+            if (failed)
+                break; /* no memory: the lines stay, the sessions' counts fall short */
+        }
+        last_token = out[i - 1].token;
+        run++;
+    }
+    if (run)
+        add_count(counts, last_token, run);
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable(chain);
+    if (i && seal_chain_write(chain, &c) < 0) { /* not advanced: its lines must not be written either */
+        PyErr_WriteUnraisable(chain);
+        lines->len = 0;
+        PyDict_Clear(counts);
+        i = 0;
+    }
+    seal_chain_free(&c);
+    return i;
+}
+
+/* Sealing (sealer not NULL): (lines, sealed, counts, buckets, records, done); else (records, done). */
+static PyObject *drain(LoopObject *L, PyObject *sealer, PyObject *chain, PyObject *shapes, Buckets *buckets) {
     pthread_mutex_lock(&L->mu);
     uint64_t count;
     if (read(L->notify_fd, &count, sizeof count) < 0) {
@@ -1394,6 +1487,8 @@ static PyObject *loop_drain(LoopObject *L, PyObject *Py_UNUSED(ignored)) {
     L->done = NULL;
     pthread_mutex_unlock(&L->mu);
     PyObject *records = PyList_New(0), *finished = PyList_New(0), *result = NULL;
+    PyObject *counts = sealer ? PyDict_New() : NULL;
+    SealOut lines = {0};
     /* ``done`` is newest first: back to the order the sessions finished in */
     Lane *ordered = NULL;
     while (done) {
@@ -1402,9 +1497,10 @@ static PyObject *loop_drain(LoopObject *L, PyObject *Py_UNUSED(ignored)) {
         lane->next = ordered;
         ordered = lane;
     }
-    int ok = records && finished;
+    int ok = records && finished && (!sealer || counts);
+    size_t sealed = ok && sealer ? seal_records(sealer, chain, shapes, out, n_out, &lines, counts, buckets) : 0;
     for (size_t i = 0; i < n_out; i++) {
-        if (ok) {
+        if (ok && i >= sealed) {
             PyObject *item = record_tuple(out[i].token, &out[i].r);
             ok = item && PyList_Append(records, item) == 0;
             Py_XDECREF(item);
@@ -1422,10 +1518,60 @@ static PyObject *loop_drain(LoopObject *L, PyObject *Py_UNUSED(ignored)) {
         lane_free(lane);
     }
     free(out);
-    if (ok)
+    PyObject *histogram = NULL;
+    if (ok && sealer && buckets->n) {
+        PyObject *by_bucket = PyList_New(buckets->n);
+        for (Py_ssize_t i = 0; by_bucket && i < buckets->n; i++) {
+            PyObject *n = PyLong_FromLongLong(buckets->counts[i]);
+            if (!n) {
+                Py_CLEAR(by_bucket);
+                break;
+            }
+            PyList_SET_ITEM(by_bucket, i, n);
+        }
+        histogram = by_bucket ? Py_BuildValue("(Nd)", by_bucket, buckets->total) : NULL;
+        ok = histogram != NULL;
+    }
+    if (ok && !sealer)
         result = PyTuple_Pack(2, records, finished);
+    else if (ok)
+        result = Py_BuildValue("(y#nOOOO)", lines.p ? lines.p : "", (Py_ssize_t)lines.len, (Py_ssize_t)sealed, counts,
+                               histogram ? histogram : Py_None, records, finished);
+    free(lines.p);
+    Py_XDECREF(histogram);
     Py_XDECREF(records);
     Py_XDECREF(finished);
+    Py_XDECREF(counts);
+    return result;
+}
+
+static PyObject *loop_drain(LoopObject *L, PyObject *Py_UNUSED(ignored)) { return drain(L, NULL, NULL, NULL, NULL); }
+
+/* drain_sealed(sealer, chain, shapes, bounds): bounds are the latency histogram's upper bounds
+ * (or None: no histogram), whose per-bucket counts and sum come back for the sealed records. */
+static PyObject *loop_drain_sealed(LoopObject *L, PyObject *args) {
+    PyObject *sealer, *chain, *shapes, *bounds;
+    if (!PyArg_ParseTuple(args, "O!OO!O", &SealerType, &sealer, &chain, &PyDict_Type, &shapes, &bounds))
+        return NULL;
+    if (bounds != Py_None && !PyTuple_Check(bounds))
+        return PyErr_Format(PyExc_TypeError, "bounds: a tuple of floats or None");
+    Buckets buckets = {0};
+    Py_ssize_t n = bounds == Py_None ? 0 : PyTuple_GET_SIZE(bounds);
+    double *edges = calloc((size_t)n + 1, sizeof(double));
+    long long *per_bucket = calloc((size_t)n + 1, sizeof(long long));
+    PyObject *result = NULL;
+    if (!edges || !per_bucket) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if ((edges[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i))) == -1.0 && PyErr_Occurred())
+            goto done;
+    buckets = (Buckets){edges, n, per_bucket, 0.0};
+    result = drain(L, sealer, chain, shapes, &buckets);
+done:
+    free(edges);
+    free(per_bucket);
     return result;
 }
 
@@ -1505,6 +1651,8 @@ static PyMethodDef loop_methods[] = {
     {"adopt", (PyCFunction)loop_adopt, METH_VARARGS, "Relay a session's steady state from now on."},
     {"recall", (PyCFunction)loop_recall, METH_O, "Send a session back to Python."},
     {"drain", (PyCFunction)loop_drain, METH_NOARGS, "What the lane has for Python: (records, done)."},
+    {"drain_sealed", (PyCFunction)loop_drain_sealed, METH_VARARGS,
+     "drain(), sealing the records that have a shape: (lines, sealed, counts, buckets, records, done)."},
     {"fileno", (PyCFunction)loop_fileno, METH_NOARGS, "Readable when drain() has something."},
     {"close", (PyCFunction)loop_close, METH_NOARGS, "Every session back to Python; the thread ends."},
     {NULL, NULL, 0, NULL},
@@ -1549,7 +1697,7 @@ PyMODINIT_FUNC PyInit__lane(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Loop", (PyObject *)&LoopType) < 0) {
+    if (PyModule_AddObjectRef(m, "Loop", (PyObject *)&LoopType) < 0 || seal_module_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

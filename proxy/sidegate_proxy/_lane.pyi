@@ -22,7 +22,31 @@ InFlight = tuple[int, int, int, float, bytes | None, int]
 # stop, client_rest, server_rest, to_client, to_server, in flight, bound, last_client
 HandedBack = tuple[int, bytes, bytes, bytes, bytes, list[InFlight], tuple[int, int] | None, float]
 
+SEAL_TIME: int
+SEAL_TIME_DT: int
+SEAL_DURATION: int
+SEAL_ROWS: int
+SEAL_QUERY: int
+SEAL_SEQ: int
+SEAL_PREV_HASH: int
+SEAL_UID: int
+
+# an audit record's canonical JSON cut at the slots the sealer fills per run (audit.lane_shape)
+Shape = tuple[bytes | int, ...]
+# per session token: (shapes of its statements by index, shapes of its simple queries by index)
+Shapes = dict[int, tuple[tuple[Shape | None, ...], tuple[Shape | None, ...]]]
+# wall time, seconds, rows, sqlstate, simple query string
+Run = tuple[float, float, int | None, str | None, bytes | None]
+
 def literal_key(text: bytes, /) -> bytes | None: ...
+
+class Sealer:
+    """audit.Chain.seal_run in C (_seal.c); ``chain`` is an audit.Chain, read and advanced."""
+
+    openssl: bool
+    def __init__(self, sensitive: tuple[bytes, ...], max_command: int, openssl: bool = True) -> None: ...
+    def seal(self, chain: object, shape: Shape, runs: list[Run], /) -> tuple[bytes, int]: ...
+    def sha256(self, data: bytes, /) -> bytes: ...
 
 class Loop:
     def __init__(self, report_every: float = 0.001) -> None: ...
@@ -33,5 +57,11 @@ class Loop:
     ) -> None: ...
     def recall(self, token: int, /) -> None: ...
     def drain(self) -> tuple[list[Record], list[tuple[int, HandedBack]]]: ...
+    # lines, how many, statements sealed per token, (latency bucket counts, their sum) or None, the
+    # records left for Python (after every sealed one), sessions handed back
+    def drain_sealed(
+        self, sealer: Sealer, chain: object, shapes: Shapes, bounds: tuple[float, ...] | None, /,
+    ) -> tuple[bytes, int, dict[int, int], tuple[list[int], float] | None, list[Record], list[tuple[int, HandedBack]]]:
+        ...
     def fileno(self) -> int: ...
     def close(self) -> None: ...

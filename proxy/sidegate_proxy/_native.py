@@ -24,6 +24,7 @@ COMPILED = ("pgwire", "pgproxy", "masking", "detectors")  # setup.py's NATIVE_MO
 STAMP = "_native_build.json"
 LANE = "_lane"  # the native lane of a PostgreSQL session: C, built beside the compiled modules
 LANE_SOURCE = f"{LANE}.c"
+LANE_SOURCES = (LANE_SOURCE, "_seal.c", "_seal.h")  # _seal.c: audit records sealed in C, linked into the lane
 PURE_ENV = "SIDEGATE_PURE_PYTHON"
 
 
@@ -49,7 +50,7 @@ def source_digests(package_dir: Path) -> dict[str, str | None]:
     """What the build records and the import compares: each compiled module's source, hashed
     (and the native lane's C source, under its file name)."""
     digests = {name: _digest(package_dir / f"{name}.py") for name in COMPILED}
-    digests[LANE_SOURCE] = _digest(package_dir / LANE_SOURCE)
+    digests.update({name: _digest(package_dir / name) for name in LANE_SOURCES})
     return digests
 
 
@@ -90,17 +91,18 @@ def select(package: str, package_dir: Path) -> NativeStatus:
 
 
 def _lane_current(package_dir: Path) -> bool:
-    """The lane's extension was built from this very ``_lane.c``."""
+    """The lane's extension was built from these very C sources."""
     try:
-        built = json.loads((package_dir / STAMP).read_text()).get(LANE_SOURCE)
+        built = json.loads((package_dir / STAMP).read_text())
+        return all(built.get(name) is not None and built.get(name) == _digest(package_dir / name)
+                   for name in LANE_SOURCES)
     except (OSError, ValueError, AttributeError):
         return False
-    return built is not None and built == _digest(package_dir / LANE_SOURCE)
 
 
 def lane(package: str, package_dir: Path, status: NativeStatus) -> ModuleType | None:
-    """The native lane, when the compiled data plane runs and the lane was built from this very
-    ``_lane.c``; else None (every statement goes through the Python relay)."""
+    """The native lane, when the compiled data plane runs and the lane was built from these very
+    C sources; else None (every statement goes through the Python relay)."""
     if not status.active:
         return None
     if not _lane_current(package_dir):

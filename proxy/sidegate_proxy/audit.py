@@ -61,7 +61,7 @@ class AuditError(RuntimeError):
 
 # --------------------------------------------------------------------------- statement redaction
 
-_SENSITIVE = ("password", "passwd", "secret")
+SENSITIVE_WORDS = ("password", "passwd", "secret")  # a statement mentioning one has its literals redacted
 _IDENT_START = re.compile(r"[A-Za-z_\u0080-\uffff]")
 _IDENT = re.compile(r"[A-Za-z0-9_$\u0080-\uffff]*")
 _DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_\u0080-\uffff][A-Za-z0-9_\u0080-\uffff]*)?\$")
@@ -160,7 +160,7 @@ def redact_statement(sql: str) -> str:
     Other statements are returned unchanged so the audit trail keeps its evidence value.
     """
     lowered = sql.lower()
-    for word in _SENSITIVE:  # a loop, not any(genexpr): this runs for every statement
+    for word in SENSITIVE_WORDS:  # a loop, not any(genexpr): this runs for every statement
         if word in lowered:
             break
     else:
@@ -170,7 +170,7 @@ def redact_statement(sql: str) -> str:
 
     def flush() -> None:
         sensitive = any(
-            kind == "word" and any(w in lowered[s:e] for w in _SENSITIVE) for kind, s, e in statement
+            kind == "word" and any(w in lowered[s:e] for w in SENSITIVE_WORDS) for kind, s, e in statement
         )
         for kind, s, e in statement:
             if sensitive and kind == "literal":
@@ -719,6 +719,7 @@ class _Shape:
     """
 
     parts: tuple[str, ...]
+    order: tuple[int, ...]  # the slot in each gap
     pick: Callable[[Sequence[Any]], tuple[Any, ...]]
     encoders: tuple[Callable[[Any], str], ...]
     skeleton: dict[str, Any]
@@ -745,7 +746,7 @@ class _Shape:
             return None
         pieces[1::2] = [""] * len(order)  # the gaps: odd positions, filled in ``body``
         encoders = tuple(_encoder(type(filled[i])) for i in order)
-        return cls(tuple(pieces), itemgetter(*order), encoders, skeleton, tuple(copies), tuple(sets))
+        return cls(tuple(pieces), tuple(order), itemgetter(*order), encoders, skeleton, tuple(copies), tuple(sets))
 
     def body(self, values: Sequence[Any]) -> bytes:
         """``canonical_json`` of the record these values fill in: one C-level pass, no Python loop."""
@@ -784,6 +785,61 @@ def _shape_for(event: AuditEvent, filled: Sequence[Any]) -> _Shape | None:
     return shape
 
 
+# The slots a sealer outside Python fills per run (``lane_shape``), by name, with their encoders.
+LANE_SLOTS: Mapping[str, Callable[[Any], str]] = MappingProxyType({
+    "time": int.__repr__, "time_dt": _escape, "duration": int.__repr__, "rows": int.__repr__,
+    "query": _escape, "seq": int.__repr__, "prev_hash": _escape, "uid": _escape,
+})
+_SLOT_NAMES = (*_Values._fields, *_CHAIN_SLOTS)
+
+
+def lane_shape(template: CommandTemplate, chain_id: str, sql: str | None,
+               codes: Mapping[str, int]) -> tuple[bytes | int, ...] | None:
+    """What the native lane seals ``template``'s runs with (``_seal.c``): the canonical JSON of
+    ``seal_run``'s line for a run with a duration and a row count and nothing masked, cut at the
+    slots it fills per run (``codes``: slot name to its code there), JSON text first and last.
+    The statement is ``sql``'s evidence, or a slot when None (simple queries). None: such runs
+    have no shape, Python seals them. Memoised on the template (``codes`` are the lane's own,
+    the same for the whole process)."""
+    try:
+        return template.lanes[chain_id, sql]
+    except KeyError:
+        pass
+    if len(template.lanes) >= _MAX_SHAPES:
+        template.lanes.clear()
+    made = template.lanes[chain_id, sql] = _lane_shape(template, chain_id, sql, codes)
+    return made
+
+
+def _lane_shape(template: CommandTemplate, chain_id: str, sql: str | None,
+                codes: Mapping[str, int]) -> tuple[bytes | int, ...] | None:
+    query = sql_evidence(sql) if sql is not None else ""
+    filled = (*_run_values(template.event, (query, None, None, None), 0.0, 0.0, 0, {}),
+              chain_id, 1, GENESIS, f"{chain_id}:1")
+    key = (False, int, True)  # seal_run's: a duration, an int row count, nothing masked
+    try:
+        shape = template.shapes[key]
+    except KeyError:
+        shape = template.shapes[key] = _shape_for(template.event, filled)
+    if shape is None:
+        return None
+    pieces: list[bytes | int] = []
+    text = shape.parts[0]
+    for slot, encode, part in zip(shape.order, shape.encoders, shape.parts[2::2], strict=True):
+        name = _SLOT_NAMES[slot]
+        if name in codes and (name != "query" or sql is None):
+            if encode is not LANE_SLOTS[name]:
+                return None
+            pieces += [text.encode("ascii"), codes[name]]
+            text = part
+        elif name in LANE_SLOTS and name != "query":
+            return None  # a per-run value the sealer was not given a code for
+        else:
+            text += encode(filled[slot]) + part
+    pieces.append(text.encode("ascii"))
+    return tuple(pieces)
+
+
 class CommandTemplate:
     """What the SQL statements a session runs with one decision and outcome audit alike.
 
@@ -793,7 +849,7 @@ class CommandTemplate:
     bytes are those of ``emit_nowait(template.run(...))`` (tests/test_audit_shapes.py).
     """
 
-    __slots__ = ("event", "shapes")
+    __slots__ = ("event", "lanes", "shapes")
 
     def __init__(self, event: AuditEvent) -> None:
         if event.connection_type != "postgres":
@@ -801,6 +857,7 @@ class CommandTemplate:
         self.event = event
         # by the types of the run's values (the statement and time are always str and int)
         self.shapes: dict[tuple[bool, type, bool], _Shape | None] = {}
+        self.lanes: dict[tuple[str, str | None], tuple[bytes | int, ...] | None] = {}  # lane_shape's
 
     def run(self, sql: str, time: float, duration_ms: float | None, rows: int | None,
             masked: Mapping[str, int]) -> AuditEvent:
@@ -975,6 +1032,15 @@ class AuditTrail(Protocol):
         """``emit_nowait(template.run(...))``, for the per-statement hot path."""
         ...
 
+    def sealing_chain(self) -> Chain | None:
+        """The chain lines are sealed onto in this process, for a sealer outside Python (the
+        native lane) to advance before ``append_sealed``; None when another process seals."""
+        ...
+
+    def append_sealed(self, lines: bytes, count: int) -> None:
+        """Spool ``count`` lines sealed onto ``sealing_chain()`` since anything else was."""
+        ...
+
     async def flush(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -1092,6 +1158,18 @@ class AuditLog:
                         rows: int | None, masked: Mapping[str, int]) -> None:
         """``emit_nowait(template.run(...))`` with the same line, minus the event and the record."""
         self._queue(self._running_chain().seal_run(template, sql, time, duration_ms, rows, masked), False)
+
+    def sealing_chain(self) -> Chain | None:
+        return self._running_chain()
+
+    def append_sealed(self, lines: bytes, count: int) -> None:
+        """Lines ``Chain.seal_run`` would have given, sealed in C by the native lane (``_seal.c``)."""
+        self._running_chain()
+        assert self._writer is not None
+        self._writer.append(lines)
+        self._since_checkpoint += count
+        if self.chain.signs and self._since_checkpoint >= self._checkpoint_every:
+            self._checkpoint()
 
     def _running_chain(self) -> Chain:
         if self._writer is None or self._closed:

@@ -39,7 +39,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
-from .audit import AuditError, AuditEvent, AuditLog, CommandTemplate
+from .audit import AuditError, AuditEvent, AuditLog, Chain, CommandTemplate
 from .policy import ApprovalRef, Caller
 from .sinks import Sink
 
@@ -154,6 +154,12 @@ class AuditProcess:
         self._batch.append((template, sql, time, duration_ms, rows, masked))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.batch_interval, self._send_batch)
+
+    def sealing_chain(self) -> Chain | None:
+        return None  # the worker seals: the lane hands its runs over as they are
+
+    def append_sealed(self, lines: bytes, count: int) -> None:
+        raise AuditError("the audit worker seals its own lines")
 
     def emit(self, event: Event) -> Awaitable[dict[str, Any]]:
         """The event's place in the chain is taken now (after everything queued before it)."""

@@ -47,13 +47,23 @@ from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from . import LANE, pgwire
-from .audit import AuditTrail, CommandTemplate, command_event, session_end, session_start
+from .audit import (
+    LANE_SLOTS,
+    MAX_COMMAND,
+    SENSITIVE_WORDS,
+    AuditTrail,
+    CommandTemplate,
+    command_event,
+    lane_shape,
+    session_end,
+    session_start,
+)
 from .config import Connection, ProxyConfig
 from .guardrails import Guard, SQLVerdict
 from .httpproxy import upstream_ssl
 from .identity import Authenticator, AuthError, WorkloadIdentity
 from .masking import ColumnOrigin, ColumnPlan, Masker, MaskingEngine, MaskingError, strictest
-from .metrics import Metrics
+from .metrics import LATENCY_BOUNDS, Metrics, observe_buckets
 from .pgauth import METHODS, AuthFailed, UpstreamLogin, salted_password
 from .pgcatalog import Catalog, CatalogError, Origin
 from .pgwire import (
@@ -121,6 +131,9 @@ LANE_RECHECK = 1.0
 MAX_LANE_QUERIES = 64  # simple-query shapes a session hands the lane (by literal key)
 LANE_REPORT_EVERY = 0.005  # seconds: how late the lane's statements reach the audit, at most
 _LANE: Final[Any] = LANE
+# the lane's code for each slot of an audit record it fills per statement (``audit.lane_shape``)
+_SEAL_CODES: Final[dict[str, int]] = {name: getattr(LANE, f"SEAL_{name.upper()}") for name in LANE_SLOTS} \
+    if LANE is not None else {}
 _NO_MASKS: Final[dict[str, int]] = {}
 _SELECT: Final = frozenset({"select"})
 
@@ -148,6 +161,7 @@ class ProxySettings:
     catalog_connections: int = 2
     catalog_ttl: float = 300.0
     lane: bool = True  # relay a plain-TCP session's steady state natively, when the lane is built
+    lane_seals: bool = True  # the lane seals its statements' audit records in C (else Python does)
 
 
 # --------------------------------------------------------------------------- upstream connections
@@ -1054,6 +1068,24 @@ class Session:
         self._lane_query_decisions = list(self._lane_queries.values())
         self._lane_records = 0
         self._lane_run = self._loop.create_future()
+        chain = self.server._lane_chain()
+        if chain is not None:  # the lane seals its statements' audit records itself, in these shapes
+            self.server._lane_shapes[token] = (
+                tuple(self._lane_shape(chain.chain_id, st.decision, st.command_class, st.sql) for st in chosen),
+                tuple(self._lane_shape(chain.chain_id, d, "select", None) for d in self._lane_query_decisions),
+            )
+
+    def _lane_shape(self, chain_id: str, decision: Decision, command_class: str | None,
+                    sql: str | None) -> tuple[bytes | int, ...] | None:
+        return lane_shape(self._command_template(decision, command_class, None), chain_id, sql, _SEAL_CODES)
+
+    def _lane_sealed(self, count: int) -> None:
+        """``count`` statements the lane relayed and sealed the audit records of itself."""
+        self.commands += count
+        self._lane_records += count
+        self.server.lane_statements += count
+        if self.server.metrics:
+            self._metric("commands", "allow").inc(count)
 
     def _lane_record(self, index: int, at: float, seconds: float, rows: int | None, sqlstate: str | None,
                      query: bytes | None) -> None:
@@ -1760,6 +1792,10 @@ class ProxyServer:
         self.lane_statements = 0  # statements it relayed
         self._lane: Any = None  # the native lane's ``Loop``, started with the first session it takes
         self._in_lane: dict[int, Session] = {}
+        # audit shapes of the sessions in the lane (``Session._enter_lane``), and what seals with them
+        self._lane_shapes: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = {}
+        self._lane_sealer: Any = None if _LANE is None or not self.settings.lane_seals else \
+            _LANE.Sealer(tuple(word.encode() for word in SENSITIVE_WORDS), MAX_COMMAND)
         self._policy = self._make_policy(config, authenticator, guard, masking_engine, workload)
 
     def _make_policy(self, config: ProxyConfig, authenticator: Authenticator, guard: Guard,
@@ -1798,21 +1834,57 @@ class ProxyServer:
         if self._lane is not None:
             self._lane_reports(self._lane)
 
+    def _lane_chain(self) -> Any:
+        """The audit chain the lane may seal records onto: the trail's, when it seals in this
+        process (``AuditTrail.sealing_chain``) and the lane has a sealer."""
+        if self._lane_sealer is None:
+            return None
+        try:
+            chain = self.audit.sealing_chain()
+        except Exception:
+            return None  # not running: the Python path reports why, record by record
+        return chain if chain is not None and chain.chain_id.isascii() else None  # what _seal.c spells
+
     def _lane_reports(self, lane: Any) -> None:
-        """The lane's reports: statements it saw answered, sessions it handed back."""
-        records, done = lane.drain()
+        """The lane's reports: statements it saw answered (their records sealed there, when it
+        could), sessions it handed back."""
         sessions = self._in_lane
+        chain = self._lane_chain()
+        if chain is None:
+            records, done = lane.drain()
+        else:
+            lines, sealed, counts, buckets, records, done = lane.drain_sealed(
+                self._lane_sealer, chain, self._lane_shapes, LATENCY_BOUNDS if self.metrics is not None else None)
+            self._lane_spool(lines, sealed, counts, buckets)
         for token, index, at, seconds, rows, sqlstate, query in records:
             session = sessions.get(token)
             if session is not None:
                 session._lane_record(index, at, seconds, rows, sqlstate, query)
         for token, handed_back in done:
+            self._lane_shapes.pop(token, None)
             session = sessions.pop(token, None)
             if session is not None:
                 try:
                     session._lane_done(*handed_back)
                 except Exception as exc:
                     session._end(exc)
+
+    def _lane_spool(self, lines: bytes, sealed: int, counts: dict[int, int],
+                    buckets: tuple[list[int], float] | None) -> None:
+        """Lines the lane sealed (in order, before any record it handed over as it is)."""
+        if lines:
+            try:
+                self.audit.append_sealed(lines, sealed)
+            except Exception:
+                log.exception("%d audit events the native lane sealed are lost", sealed)
+        sessions = self._in_lane
+        for token, count in counts.items():
+            session = sessions.get(token)
+            if session is not None:
+                session._lane_sealed(count)
+                if buckets is not None:  # every session here has the same connection: one histogram child
+                    observe_buckets(session._metric("latency"), *buckets)
+                    buckets = None
 
     def _lane_close(self) -> None:
         """After every session is back (``Session._lane_settled``): stop the lane's thread."""
