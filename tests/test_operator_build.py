@@ -143,12 +143,14 @@ def test_deployment_is_hardened() -> None:
 @pytest.mark.parametrize(("cpu", "worker"), [
     (None, False), ("1", False), ("1500m", False), ("2", True), ("2000m", True), ("3.5", True), ("lots", False),
 ])
-def test_a_gateway_with_two_cores_seals_its_audit_in_a_worker(cpu: str | None, worker: bool) -> None:
-    conn = parse_connection(connection())
+def test_an_http_gateway_with_two_cores_seals_its_audit_in_a_worker(cpu: str | None, worker: bool) -> None:
     resources = {"requests": {"memory": "256Mi", **({"cpu": cpu} if cpu else {})}}
-    (container,) = build.build_deployment(conn, "sha256:abc", IMAGE, resources=resources)["spec"]["template"][
-        "spec"]["containers"]
-    assert ("--audit-worker" in container["args"]) is worker
+    http = connection(type="http", target={"url": "https://billing.payments.svc:8443"})
+    for body, wanted in ((http, worker), (connection(), False)):  # PostgreSQL: the lane seals in C, inline
+        conn = parse_connection(body)
+        (container,) = build.build_deployment(conn, "sha256:abc", IMAGE, resources=resources)["spec"]["template"][
+            "spec"]["containers"]
+        assert ("--audit-worker" in container["args"]) is wanted, conn.type
     assert build.cpu_cores("250m") == 0.25 and build.cpu_cores(2) == 2.0 and build.cpu_cores("") is None
 
 

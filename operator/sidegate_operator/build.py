@@ -235,9 +235,13 @@ def cpu_cores(quantity: object) -> float | None:
         return None
 
 
-def audit_worker_args(resources: Mapping[str, Any]) -> list[str]:
-    """A gateway asking for two cores or more seals its audit in a second process, which then has
-    a core of its own (docs/performance.md: more statements per second; with one core, fewer)."""
+def audit_worker_args(resources: Mapping[str, Any], connection_type: str) -> list[str]:
+    """An HTTP gateway asking for two cores or more seals its audit in a second process, which
+    then has a core of its own (docs/performance.md: more requests per second; with one core,
+    fewer). A PostgreSQL gateway never does: its native lane seals in C in the relay's process,
+    which costs less than handing the records to a worker (bench/results.md)."""
+    if connection_type != "http":
+        return []
     requests = resources.get("requests") if isinstance(resources, Mapping) else None
     cores = cpu_cores(requests.get("cpu")) if isinstance(requests, Mapping) and "cpu" in requests else None
     return ["--audit-worker"] if cores is not None and cores >= AUDIT_WORKER_CORES else []
@@ -366,7 +370,7 @@ def build_deployment(conn: Connection, config_hash: str, image: str, *,
         "imagePullPolicy": "IfNotPresent",
         "args": ["proxy", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
                  "--admin", f"0.0.0.0:{ADMIN_PORT}", "--audit-dir", AUDIT_DIR, *token_exchange_args([conn]),
-                 *audit_worker_args(resources)],
+                 *audit_worker_args(resources, conn.type)],
         "ports": [
             {"name": "proxy", "containerPort": conn.listen_port, "protocol": "TCP"},
             {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
