@@ -429,7 +429,7 @@ async def division_errors(c: asyncpg.Connection) -> None:
     await c.execute("BEGIN")  # an error inside a transaction block aborts it
     with pytest.raises(asyncpg.DivisionByZeroError):
         await div.fetch(0)
-    with pytest.raises(asyncpg.InFailedSQLTransactionError):  # refused at Bind: nothing executed
+    with pytest.raises(asyncpg.InFailedSQLTransactionError):  # refused at Bind: audited with its error
         await div.fetch(1)
     await c.execute("ROLLBACK")
     assert await div.fetch(5) == [(2,)]
@@ -463,8 +463,31 @@ async def test_error_inside_the_lane(postgres: PG, tmp_path: Path) -> None:
     assert outcome(lane) == outcome(plain)
     events = [e for e in lane if e.command == "SELECT 10 / $1::int"]
     assert [(e.rows, e.sqlstate) for e in events] == \
-        [(1, None)] * 5 + [(None, "22012"), (1, None), (None, None), (None, "22012"), (1, None)]
+        [(1, None)] * 5 + [(None, "22012"), (1, None), (None, None), (None, "22012"), (None, "25P02"), (1, None)]
     assert all(e.decision == "allow" for e in events)
+
+
+@pytest.mark.parametrize("settings_", [None, NO_LANE], ids=["lane", "python"])
+async def test_a_statement_refused_at_bind_is_audited(postgres: PG, tmp_path: Path,
+                                                      settings_: ProxySettings | None) -> None:
+    """Parameters the server refuses (or a plan-time error) fail the Bind: the Execute it skips
+    is still the caller's attempt, audited with the error, in the lane as in Python."""
+    async with run_proxy(postgres, tmp_path, settings=settings_) as p:
+        async with await psycopg.AsyncConnection.connect(p.dsn(), autocommit=True) as c:
+            for i in range(6):
+                value = "abc" if i in (3, 5) else str(i)
+                if value == "abc":
+                    with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+                        await c.execute("SELECT %s::int * 2", [value], prepare=True)
+                else:
+                    assert await (await c.execute("SELECT %s::int * 2", [value], prepare=True)).fetchall() == \
+                        [(2 * i,)]
+        await sessions_ended(p, 1)
+        assert_commands_counted(p)
+        assert (p.server.lane_statements > 0) == (settings_ is None)
+    events = [e for e in p.audit.commands() if e.command == "SELECT $1::int * 2"]
+    assert [(e.rows, e.sqlstate) for e in events] == [(1, None)] * 3 + [(None, "22P02"), (1, None), (None, "22P02")]
+    assert all(e.duration_ms is not None for e in events)
 
 
 # --------------------------------------------------------------------------- 4. longer than a slice

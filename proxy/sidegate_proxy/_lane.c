@@ -828,7 +828,15 @@ static void from_server(Lane *lane) {
                 ok = 0;
                 break;
             }
-            if ((kind == K_EXECUTE || kind == K_QUERY) && record(lane, p, -1, sqlstate[0] ? sqlstate : NULL) < 0) {
+            const Pending *failed = kind == K_EXECUTE || kind == K_QUERY ? p : NULL;
+            for (size_t i = 1; !failed && i < lane->p_count; i++) { /* a Bind failed: the Execute it skips */
+                const Pending *q = &lane->pending[(lane->p_head + i) % MAX_PENDING];
+                if (q->kind == K_SYNC)
+                    break;
+                if (q->kind == K_EXECUTE)
+                    failed = q;
+            }
+            if (failed && record(lane, failed, -1, sqlstate[0] ? sqlstate : NULL) < 0) {
                 lane->stop = STOP_NO_MEMORY;
                 return;
             }

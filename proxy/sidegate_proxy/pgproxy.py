@@ -1699,6 +1699,13 @@ class Session:
             return  # ReadyForQuery follows
         if p.kind == "execute" and p.replace_error is None:
             self._execute_done(p, None, msg.sqlstate)
+        elif p.replace_error is None:  # a Parse or Bind failed (bad parameters, errors at planning):
+            for skipped in self.pending:  # the Execute it skips is audited with its error
+                if skipped.kind == "sync":
+                    break
+                if skipped.kind == "execute":
+                    self._execute_done(skipped, None, msg.sqlstate)
+                    break
         # extended protocol: the server skips everything up to the next Sync
         while self.pending and self.pending[0].kind != "sync":
             self.pending.popleft()
