@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import struct
 import threading
@@ -119,6 +120,52 @@ FLUSH = frame(b"H", b"")
 
 def parse(name: bytes, sql: bytes) -> bytes:
     return frame(b"P", name + b"\0" + sql + b"\0" + b"\0\0")
+
+
+def test_the_lane_reports_a_full_batch_before_its_time() -> None:
+    """Records wait for Python at most ``report_every`` seconds, or until ``report_records`` of
+    them do (a busy lane's batches stay short): a Loop over socket pairs, the server side played
+    by the test."""
+    need_lane()
+    loop = sidegate_proxy.LANE.Loop(30.0, 3)
+    client, client_end = socket.socketpair()
+    server, server_end = socket.socketpair()
+    answer = frame(b"2", b"") + frame(b"C", b"SELECT 1\0") + frame(b"Z", b"I")
+    try:
+        loop.adopt(7, client_end.fileno(), server_end.fileno(), b"", b"", (b"s1",), (), None, False, 1 << 20,
+                   float("inf"))
+        seen: list[Any] = []
+        for i in range(7):
+            client.sendall(bind(b"s1", []) + execute() + SYNC)
+            got = b""
+            while len(got) < len(bind(b"s1", []) + execute() + SYNC):
+                got += server.recv(4096)
+            server.sendall(answer)
+            got = b""
+            while len(got) < len(answer):
+                got += client.recv(4096)
+            if i in (2, 5):  # two since the last report: they wait for a third (or 30 s)
+                time.sleep(0.05)
+                assert not select_readable(loop.fileno())
+            if i in (0, 3, 6):  # the first at once (no report for 30 s), then every third
+                deadline = time.monotonic() + 5
+                while not select_readable(loop.fileno()) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                records, done = loop.drain()
+                assert [(token, index, rows) for token, index, _, _, rows, _, _ in records] == \
+                    [(7, 0, 1)] * (1 if i == 0 else 3)
+                assert not done
+                seen += records
+        assert len(seen) == 7
+    finally:
+        loop.recall(7)
+        loop.close()
+        for s in (client, client_end, server, server_end):
+            s.close()
+
+
+def select_readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def ready_count(buf: bytes) -> tuple[int, int]:

@@ -68,8 +68,9 @@ enum {
 #define HIGH_WATER (256 * 1024)
 #define READ_CHUNK (64 * 1024)
 /* Statements answered are reported to Python at most every ``report_every`` seconds (Loop's
- * argument): its thread then wakes once for a batch, not once per statement. Sessions handed back
- * are reported at once. */
+ * argument), or sooner once ``report_records`` of them wait: its thread then wakes once for a
+ * batch, not once per statement, and a busy lane's batches stay short (each is a burst of work
+ * for the Python thread). Sessions handed back are reported at once. */
 
 typedef struct {
     char *p;
@@ -890,6 +891,7 @@ typedef struct {
     int owed;        /* records published but not signalled yet (REPORT_EVERY) */
     double last_signal;
     double report_every;
+    size_t report_records; /* 0: no limit */
     int failed; /* the thread could not go on (no memory, epoll failed): every session came back */
     /* the thread's own */
     Lane *sessions;
@@ -926,11 +928,13 @@ static void signal_python(LoopObject *L) { /* under mu */
     }
 }
 
-/* Records waiting: signal now, or once REPORT_EVERY has passed since the last signal. */
+/* Records waiting: signal now (report_every has passed since the last signal, or report_records
+ * wait), or later. */
 static void owe_python(LoopObject *L) { /* under mu */
     if (L->signalled)
         return;
-    if (now_clock(CLOCK_MONOTONIC) - L->last_signal >= L->report_every)
+    if ((L->report_records && L->n_out >= L->report_records) ||
+        now_clock(CLOCK_MONOTONIC) - L->last_signal >= L->report_every)
         signal_python(L);
     else
         L->owed = 1;
@@ -1604,14 +1608,16 @@ static PyObject *loop_close(LoopObject *L, PyObject *Py_UNUSED(ignored)) {
 }
 
 static PyObject *loop_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"report_every", NULL};
+    static char *kwlist[] = {"report_every", "report_records", NULL};
     double report_every = 0.001;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|d:Loop", kwlist, &report_every))
+    Py_ssize_t report_records = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|dn:Loop", kwlist, &report_every, &report_records))
         return NULL;
     LoopObject *L = (LoopObject *)type->tp_alloc(type, 0);
     if (!L)
         return NULL;
     L->report_every = report_every > 0 ? report_every : 0;
+    L->report_records = report_records > 0 ? (size_t)report_records : 0;
     L->epfd = L->wake_fd = L->notify_fd = -1;
     pthread_mutex_init(&L->mu, NULL);
     L->epfd = epoll_create1(EPOLL_CLOEXEC);
