@@ -1080,20 +1080,22 @@ class Session:
                     sql: str | None) -> tuple[bytes | int, ...] | None:
         return lane_shape(self._command_template(decision, command_class, None), chain_id, sql, _SEAL_CODES)
 
-    def _lane_sealed(self, count: int) -> None:
-        """``count`` statements the lane relayed and sealed the audit records of itself."""
+    def _lane_counted(self, count: int) -> None:
+        """``count`` more statements the lane relayed."""
         self.commands += count
         self._lane_records += count
         self.server.lane_statements += count
+
+    def _lane_sealed(self, count: int) -> None:
+        """``count`` statements the lane relayed and sealed the audit records of itself."""
+        self._lane_counted(count)
         if self.server.metrics:
             self._metric("commands", "allow").inc(count)
 
     def _lane_record(self, index: int, at: float, seconds: float, rows: int | None, sqlstate: str | None,
                      query: bytes | None) -> None:
         """An Execute or simple query the lane saw answered: audited as the Python relay audits it."""
-        self.commands += 1
-        self._lane_records += 1
-        self.server.lane_statements += 1
+        self._lane_counted(1)
         if query is None:
             st = self._lane_chosen[index]
             self._emit_command(st.sql, st.decision, st.command_class, _NO_MASKS, rows, sqlstate, seconds, at)
