@@ -95,7 +95,7 @@ def test_sealed_lines_equal_seal_run(event: AuditEvent, simple: bool, text: str,
                                      seq: int) -> None:
     template = template_of(event)
     sql = None if simple else (event.command or "SELECT 1")
-    shape = lane_shape(template, chain_id, sql, CODES)
+    shape = lane_shape(template, sql, CODES)
     if shape is None:
         return  # no shape: every run is Python's
     assert all(isinstance(p, bytes) for p in shape[::2]) and all(isinstance(p, int) for p in shape[1::2])
@@ -120,7 +120,7 @@ def test_a_batch_stops_at_the_first_run_python_seals() -> None:
     template = CommandTemplate(audit.command_event(session_id="s-1", connection="ns/db", connection_type="postgres",
                                                    caller=None, command="", decision="allow", command_class="select",
                                                    time=0.0))
-    shape = lane_shape(template, "pod-a", "SELECT $1", CODES)
+    shape = lane_shape(template, "SELECT $1", CODES)
     c, python = Chain("pod-a"), Chain("pod-a")
     runs = [(1714564800.0 + i, 0.001, i, None, None) for i in range(3)]
     lines, count = sealer().seal(c, shape, [*runs, (1714564900.0, 0.001, None, None, None), runs[0]])
@@ -136,10 +136,10 @@ def test_shapes_need_the_sealers_encoders() -> None:
     event = audit.command_event(session_id="s", connection="ns/db", connection_type="postgres", caller=None,
                                 command="", decision="allow", time=0.0)
     template = CommandTemplate(event)
-    assert lane_shape(template, "c", "SELECT 1", CODES) is not None
+    assert lane_shape(template, "SELECT 1", CODES) is not None
     without_rows = {k: v for k, v in CODES.items() if k != "rows"}
-    assert lane_shape(CommandTemplate(event), "c", "SELECT 1", without_rows) is None
-    assert lane_shape(template, "c", None, CODES) is lane_shape(template, "c", None, CODES)  # memoised
+    assert lane_shape(CommandTemplate(event), "SELECT 1", without_rows) is None
+    assert lane_shape(template, None, CODES) is lane_shape(template, None, CODES)  # memoised
 
 
 # --------------------------------------------------------------------------- real spools

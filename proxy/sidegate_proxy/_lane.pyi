@@ -30,6 +30,7 @@ SEAL_QUERY: int
 SEAL_SEQ: int
 SEAL_PREV_HASH: int
 SEAL_UID: int
+SEAL_CHAIN_ID: int
 
 # an audit record's canonical JSON cut at the slots the sealer fills per run (audit.lane_shape)
 Shape = tuple[bytes | int, ...]

@@ -5,7 +5,7 @@
  * for each statement it hands over a *shape* (audit.lane_shape), the record's canonical JSON cut
  * at the values that change from one run to the next: a tuple alternating JSON text (bytes) and
  * a slot code (int), text first and last. Here a run fills the slots (time, time_dt, duration,
- * rows, the simple query's text, and the chain position: seq, prev_hash, uid), hashes the body
+ * rows, the simple query's text, and the chain: chain_id, seq, prev_hash, uid), hashes the body
  * with SHA-256, and appends the line ``Chain._link`` would give, byte for byte:
  * body[:-1] + ',"hash":"<hex>"}' + "\n". tests/test_seal.py checks it against seal_run.
  *
@@ -32,6 +32,7 @@ enum {
     SEAL_SEQ,
     SEAL_PREV_HASH,
     SEAL_UID,
+    SEAL_CHAIN_ID,
 };
 
 /* ------------------------------------------------------------------ SHA-256 */
@@ -315,6 +316,9 @@ int seal_one(PyObject *sealer, SealChain *c, PyObject *shape, const SealRun *run
                 break;
             case SEAL_SEQ: failed = out_int(out, c->seq + 1); break;
             case SEAL_PREV_HASH: failed = out_string(out, c->last_hash, 64); break;
+            case SEAL_CHAIN_ID: /* the uid's prefix without its colon, closed */
+                failed = out_append(out, c->uid_prefix, c->uid_len - 1) || out_append(out, "\"", 1);
+                break;
             case SEAL_UID:
                 failed = out_append(out, c->uid_prefix, c->uid_len) || out_int(out, c->seq + 1) ||
                          out_append(out, "\"", 1);
@@ -546,7 +550,7 @@ int seal_module_init(PyObject *module) {
     } slots[] = {
         {"SEAL_TIME", SEAL_TIME}, {"SEAL_TIME_DT", SEAL_TIME_DT}, {"SEAL_DURATION", SEAL_DURATION},
         {"SEAL_ROWS", SEAL_ROWS}, {"SEAL_QUERY", SEAL_QUERY}, {"SEAL_SEQ", SEAL_SEQ},
-        {"SEAL_PREV_HASH", SEAL_PREV_HASH}, {"SEAL_UID", SEAL_UID},
+        {"SEAL_PREV_HASH", SEAL_PREV_HASH}, {"SEAL_UID", SEAL_UID}, {"SEAL_CHAIN_ID", SEAL_CHAIN_ID},
     };
     for (size_t i = 0; i < sizeof slots / sizeof slots[0]; i++)
         if (PyModule_AddIntConstant(module, slots[i].name, slots[i].value) < 0)

@@ -788,34 +788,32 @@ def _shape_for(event: AuditEvent, filled: Sequence[Any]) -> _Shape | None:
 # The slots a sealer outside Python fills per run (``lane_shape``), by name, with their encoders.
 LANE_SLOTS: Mapping[str, Callable[[Any], str]] = MappingProxyType({
     "time": int.__repr__, "time_dt": _escape, "duration": int.__repr__, "rows": int.__repr__,
-    "query": _escape, "seq": int.__repr__, "prev_hash": _escape, "uid": _escape,
+    "query": _escape, "chain_id": _escape, "seq": int.__repr__, "prev_hash": _escape, "uid": _escape,
 })
 _SLOT_NAMES = (*_Values._fields, *_CHAIN_SLOTS)
 
 
-def lane_shape(template: CommandTemplate, chain_id: str, sql: str | None,
-               codes: Mapping[str, int]) -> tuple[bytes | int, ...] | None:
+def lane_shape(template: CommandTemplate, sql: str | None, codes: Mapping[str, int]) -> tuple[bytes | int, ...] | None:
     """What the native lane seals ``template``'s runs with (``_seal.c``): the canonical JSON of
     ``seal_run``'s line for a run with a duration and a row count and nothing masked, cut at the
-    slots it fills per run (``codes``: slot name to its code there), JSON text first and last.
-    The statement is ``sql``'s evidence, or a slot when None (simple queries). None: such runs
-    have no shape, Python seals them. Memoised on the template (``codes`` are the lane's own,
-    the same for the whole process)."""
+    slots it fills per run (``codes``: slot name to its code there; the chain's own among them),
+    JSON text first and last. The statement is ``sql``'s evidence, or a slot when None (simple
+    queries). None: such runs have no shape, Python seals them. Memoised on the template
+    (``codes`` are the lane's own, the same for the whole process)."""
     try:
-        return template.lanes[chain_id, sql]
+        return template.lanes[sql]
     except KeyError:
         pass
     if len(template.lanes) >= _MAX_SHAPES:
         template.lanes.clear()
-    made = template.lanes[chain_id, sql] = _lane_shape(template, chain_id, sql, codes)
+    made = template.lanes[sql] = _lane_shape(template, sql, codes)
     return made
 
 
-def _lane_shape(template: CommandTemplate, chain_id: str, sql: str | None,
-                codes: Mapping[str, int]) -> tuple[bytes | int, ...] | None:
+def _lane_shape(template: CommandTemplate, sql: str | None, codes: Mapping[str, int]) -> tuple[bytes | int, ...] | None:
     query = sql_evidence(sql) if sql is not None else ""
-    filled = (*_run_values(template.event, (query, None, None, None), 0.0, 0.0, 0, {}),
-              chain_id, 1, GENESIS, f"{chain_id}:1")
+    # an example run: which slots are absent, and their types, make the shape
+    filled = (*_run_values(template.event, (query, None, None, None), 0.0, 0.0, 0, {}), "c", 1, GENESIS, "c:1")
     key = (False, int, True)  # seal_run's: a duration, an int row count, nothing masked
     try:
         shape = template.shapes[key]
@@ -857,7 +855,7 @@ class CommandTemplate:
         self.event = event
         # by the types of the run's values (the statement and time are always str and int)
         self.shapes: dict[tuple[bool, type, bool], _Shape | None] = {}
-        self.lanes: dict[tuple[str, str | None], tuple[bytes | int, ...] | None] = {}  # lane_shape's
+        self.lanes: dict[str | None, tuple[bytes | int, ...] | None] = {}  # lane_shape's, by statement
 
     def run(self, sql: str, time: float, duration_ms: float | None, rows: int | None,
             masked: Mapping[str, int]) -> AuditEvent:

@@ -1069,16 +1069,15 @@ class Session:
         self._lane_query_decisions = list(self._lane_queries.values())
         self._lane_records = 0
         self._lane_run = self._loop.create_future()
-        chain = self.server._lane_chain()
-        if chain is not None:  # the lane seals its statements' audit records itself, in these shapes
+        if self.server._lane_chain() is not None:  # the lane seals their audit records, in these shapes
             self.server._lane_shapes[token] = (
-                tuple(self._lane_shape(chain.chain_id, st.decision, st.command_class, st.sql) for st in chosen),
-                tuple(self._lane_shape(chain.chain_id, d, "select", None) for d in self._lane_query_decisions),
+                tuple(self._lane_shape(st.decision, st.command_class, st.sql) for st in chosen),
+                tuple(self._lane_shape(d, "select", None) for d in self._lane_query_decisions),
             )
 
-    def _lane_shape(self, chain_id: str, decision: Decision, command_class: str | None,
+    def _lane_shape(self, decision: Decision, command_class: str | None,
                     sql: str | None) -> tuple[bytes | int, ...] | None:
-        return lane_shape(self._command_template(decision, command_class, None), chain_id, sql, _SEAL_CODES)
+        return lane_shape(self._command_template(decision, command_class, None), sql, _SEAL_CODES)
 
     def _lane_counted(self, count: int) -> None:
         """``count`` more statements the lane relayed."""
