@@ -643,6 +643,41 @@ async def test_batch_handed_back_half_way(postgres: PG, tmp_path: Path, then: st
             writer.close()
 
 
+@pytest.mark.parametrize("settings_", [None, NO_LANE], ids=["lane", "python"])
+async def test_an_error_at_sync_is_not_pinned_on_the_next_batch(postgres: PG, tmp_path: Path,
+                                                                 settings_: ProxySettings | None) -> None:
+    """A deferred constraint fails at the implicit commit (the Sync), after its Execute was
+    answered: no later Execute the client pipelined behind it takes that error."""
+    need_lane()
+    ref = await direct(postgres)
+    try:
+        await ref.execute("DROP TABLE IF EXISTS lane_deferred; "
+                          "CREATE TABLE lane_deferred (v int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+        async with run_proxy(postgres, tmp_path, settings=settings_) as p:
+            sql = b"INSERT INTO lane_deferred VALUES ($1)"
+            if settings_ is None:
+                reader, writer = await raw_lane_session(p, {b"s1": sql})  # inserts 1 and 2
+            else:
+                reader, writer = await raw_login(p)
+                writer.write(parse(b"s1", sql) + b"".join(bind(b"s1", [v]) + execute() + SYNC for v in (b"1", b"2")))
+                await read_ready(reader, "inserts", 2)
+            try:
+                writer.write(bind(b"s1", [b"1"]) + execute() + SYNC + bind(b"s1", [b"7"]) + execute() + SYNC)
+                reply = await read_ready(reader, "pipelined", 2)
+                assert b"23505" in reply
+            finally:
+                writer.write(frame(b"X", b""))
+                writer.close()
+            await sessions_ended(p, 1)
+            assert_commands_counted(p)
+        events = [e for e in p.audit.commands() if e.command == sql.decode()]
+        assert [(e.rows, e.sqlstate) for e in events] == [(1, None)] * 4
+        assert await ref.fetch("SELECT v FROM lane_deferred ORDER BY v") == [(1,), (2,), (7,)]
+    finally:
+        await ref.execute("DROP TABLE IF EXISTS lane_deferred")
+        await ref.close()
+
+
 async def test_terminate_half_way_through_a_batch(postgres: PG, tmp_path: Path) -> None:
     """Bind/Execute relayed by the lane, then Terminate (no Sync) and the client closes: the
     session ends, its upstream connection is closed and session_end is audited."""

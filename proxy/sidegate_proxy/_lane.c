@@ -830,7 +830,7 @@ static void from_server(Lane *lane) {
                 break;
             }
             const Pending *failed = kind == K_EXECUTE || kind == K_QUERY ? p : NULL;
-            for (size_t i = 1; !failed && i < lane->p_count; i++) { /* a Bind failed: the Execute it skips */
+            for (size_t i = 0; !failed && i < lane->p_count; i++) { /* a Bind failed: the Execute it skips */
                 const Pending *q = &lane->pending[(lane->p_head + i) % MAX_PENDING];
                 if (q->kind == K_SYNC)
                     break;
