@@ -130,7 +130,7 @@ LANE_COMMANDS = frozenset({"select", "insert", "update", "delete"})
 LANE_RECHECK = 1.0
 MAX_LANE_QUERIES = 64  # simple-query shapes a session hands the lane (by literal key)
 LANE_REPORT_EVERY = 0.02  # seconds: how late the lane's statements reach the audit, at most
-LANE_REPORT_RECORDS = 256  # ... or sooner, once this many wait (bench/: fewer wake-ups, short bursts)
+LANE_REPORT_RECORDS = 128  # ... or sooner, once this many wait (bench/: fewer wake-ups, short bursts)
 _LANE: Final[Any] = LANE
 # the lane's code for each slot of an audit record it fills per statement (``audit.lane_shape``)
 _SEAL_CODES: Final[dict[str, int]] = {name: getattr(LANE, f"SEAL_{name.upper()}") for name in LANE_SLOTS} \
