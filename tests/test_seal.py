@@ -73,7 +73,7 @@ lane_runs = st.tuples(
 )
 
 
-def refused(text: str | None, wall: float, seconds: float, rows: int | None, sqlstate: str | None) -> bool:
+def refused(text: str | None, wall: float, rows: int | None, sqlstate: str | None) -> bool:
     """The runs the sealer documents it leaves to Python."""
     if rows is None or rows < 0 or sqlstate is not None:
         return True
@@ -107,7 +107,7 @@ def test_sealed_lines_equal_seal_run(event: AuditEvent, simple: bool, text: str,
         lines, count = s.seal(c, shape, [(wall, seconds, rows, sqlstate, query)])
         if count == 0:
             assert lines == b"" and (c.seq, c.last_hash) == before
-            assert refused(text if simple else None, wall, seconds, rows, sqlstate), (text, wall, rows, sqlstate)
+            assert refused(text if simple else None, wall, rows, sqlstate), (text, wall, rows, sqlstate)
             continue
         statement = statement_text(text) if simple else sql
         assert statement is not None

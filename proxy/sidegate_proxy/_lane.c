@@ -73,11 +73,6 @@ enum {
  * for the Python thread). Sessions handed back are reported at once. */
 
 typedef struct {
-    char *p;
-    size_t start, end, cap;
-} Buf;
-
-typedef struct {
     int kind;
     int statement; /* K_QUERY: the query shape's index */
     long serial;
@@ -156,40 +151,6 @@ static int be16(const char *p) {
 }
 
 /* ------------------------------------------------------------------ buffers */
-
-static size_t buf_len(const Buf *b) { return b->end - b->start; }
-
-static int buf_reserve(Buf *b, size_t extra) {
-    if (b->cap - b->end >= extra)
-        return 0;
-    size_t used = buf_len(b);
-    if (b->start && b->cap - used >= extra) {
-        memmove(b->p, b->p + b->start, used);
-    } else {
-        size_t cap = b->cap ? b->cap : READ_CHUNK;
-        while (cap - used < extra)
-            cap *= 2;
-        char *p = malloc(cap);
-        if (!p)
-            return -1;
-        if (used)
-            memcpy(p, b->p + b->start, used);
-        free(b->p);
-        b->p = p;
-        b->cap = cap;
-    }
-    b->start = 0;
-    b->end = used;
-    return 0;
-}
-
-static int buf_append(Buf *b, const char *data, size_t n) {
-    if (buf_reserve(b, n) < 0)
-        return -1;
-    memcpy(b->p + b->end, data, n);
-    b->end += n;
-    return 0;
-}
 
 static void buf_consume(Buf *b, size_t n) {
     b->start += n;
@@ -1407,15 +1368,19 @@ static int add_count(PyObject *counts, long token, long long n) {
     return ok;
 }
 
-/* The shape a record is sealed with: shapes[token] is (statement shapes, query shapes). */
-static PyObject *record_shape(PyObject *shapes, long token, const Record *r) {
+/* The shapes a session's records are sealed with: shapes[token] is (statement shapes, query
+ * shapes); NULL when it has none. */
+static PyObject *session_shapes(PyObject *shapes, long token) {
     PyObject *key = PyLong_FromLong(token);
     PyObject *entry = key ? PyDict_GetItemWithError(shapes, key) : NULL;
     Py_XDECREF(key);
-    if (!entry || !PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2)
-        return NULL;
-    PyObject *table = PyTuple_GET_ITEM(entry, r->text ? 1 : 0);
-    if (!PyTuple_Check(table) || r->statement < 0 || r->statement >= PyTuple_GET_SIZE(table))
+    return entry && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 ? entry : NULL;
+}
+
+/* A record's shape among its session's; NULL: none. */
+static PyObject *record_shape(PyObject *entry, const Record *r) {
+    PyObject *table = entry ? PyTuple_GET_ITEM(entry, r->text ? 1 : 0) : NULL;
+    if (!table || !PyTuple_Check(table) || r->statement < 0 || r->statement >= PyTuple_GET_SIZE(table))
         return NULL;
     return PyTuple_GET_ITEM(table, r->statement);
 }
@@ -1443,7 +1408,7 @@ static void bucket_add(Buckets *b, double seconds) {
 /* Seal the longest run of records from the first that have a shape (see _seal.c); the count of
  * records sealed (0 when none could be, the chain then as it was). */
 static size_t seal_records(PyObject *sealer, PyObject *chain, PyObject *shapes, const OutRecord *out, size_t n_out,
-                           SealOut *lines, PyObject *counts, Buckets *buckets) {
+                           Buf *lines, PyObject *counts, Buckets *buckets) {
     SealChain c;
     if (seal_chain_read(chain, &c) < 0) {
         PyErr_WriteUnraisable(chain);
@@ -1452,9 +1417,12 @@ static size_t seal_records(PyObject *sealer, PyObject *chain, PyObject *shapes, 
     size_t i = 0;
     long last_token = 0;
     long long run = 0; /* records of last_token in a row, added to counts when the token changes */
+    PyObject *entry = NULL; /* last_token's shapes, looked up once per run of its records */
     while (i < n_out) {
         const Record *r = &out[i].r;
-        PyObject *shape = record_shape(shapes, out[i].token, r);
+        if (!run || out[i].token != last_token)
+            entry = session_shapes(shapes, out[i].token);
+        PyObject *shape = record_shape(entry, r);
         SealRun one = {r->wall, r->seconds, r->rows, r->sqlstate, r->text, r->text_len};
         if (!shape || seal_one(sealer, &c, shape, &one, lines) != 1)
             break;
@@ -1475,7 +1443,7 @@ static size_t seal_records(PyObject *sealer, PyObject *chain, PyObject *shapes, 
         PyErr_WriteUnraisable(chain);
     if (i && seal_chain_write(chain, &c) < 0) { /* not advanced: its lines must not be written either */
         PyErr_WriteUnraisable(chain);
-        lines->len = 0;
+        lines->end = 0;
         PyDict_Clear(counts);
         i = 0;
     }
@@ -1500,7 +1468,7 @@ static PyObject *drain(LoopObject *L, PyObject *sealer, PyObject *chain, PyObjec
     pthread_mutex_unlock(&L->mu);
     PyObject *records = PyList_New(0), *finished = PyList_New(0), *result = NULL;
     PyObject *counts = sealer ? PyDict_New() : NULL;
-    SealOut lines = {0};
+    Buf lines = {0};
     /* ``done`` is newest first: back to the order the sessions finished in */
     Lane *ordered = NULL;
     while (done) {
@@ -1547,7 +1515,7 @@ static PyObject *drain(LoopObject *L, PyObject *sealer, PyObject *chain, PyObjec
     if (ok && !sealer)
         result = PyTuple_Pack(2, records, finished);
     else if (ok)
-        result = Py_BuildValue("(y#nOOOO)", lines.p ? lines.p : "", (Py_ssize_t)lines.len, (Py_ssize_t)sealed, counts,
+        result = Py_BuildValue("(y#nOOOO)", lines.p ? lines.p : "", (Py_ssize_t)lines.end, (Py_ssize_t)sealed, counts,
                                histogram ? histogram : Py_None, records, finished);
     free(lines.p);
     Py_XDECREF(histogram);

@@ -144,29 +144,7 @@ static void find_openssl(void) {
 
 /* ------------------------------------------------------------------ JSON pieces */
 
-static int out_reserve(SealOut *o, size_t extra) {
-    if (o->cap - o->len >= extra)
-        return 0;
-    size_t cap = o->cap ? o->cap : 4096;
-    while (cap - o->len < extra)
-        cap *= 2;
-    char *p = realloc(o->p, cap);
-    if (!p)
-        return -1;
-    o->p = p;
-    o->cap = cap;
-    return 0;
-}
-
-static int out_append(SealOut *o, const char *s, size_t n) {
-    if (out_reserve(o, n) < 0)
-        return -1;
-    memcpy(o->p + o->len, s, n);
-    o->len += n;
-    return 0;
-}
-
-static int out_int(SealOut *o, long long v) {
+static int out_int(Buf *o, long long v) {
     char digits[24], *end = digits + sizeof digits, *p = end;
     unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
     do
@@ -174,15 +152,15 @@ static int out_int(SealOut *o, long long v) {
     while (u /= 10);
     if (v < 0)
         *--p = '-';
-    return out_append(o, p, (size_t)(end - p));
+    return buf_append(o, p, (size_t)(end - p));
 }
 
 /* json's encode_basestring_ascii: quoted, printable ASCII but " and \ kept, the rest escaped. */
-static int out_string(SealOut *o, const char *s, size_t n) {
+static int out_string(Buf *o, const char *s, size_t n) {
     static const char hex[] = "0123456789abcdef";
-    if (out_reserve(o, n * 6 + 2) < 0)
+    if (buf_reserve(o, n * 6 + 2) < 0)
         return -1;
-    char *w = o->p + o->len;
+    char *w = o->p + o->end;
     *w++ = '"';
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
@@ -208,7 +186,7 @@ static int out_string(SealOut *o, const char *s, size_t n) {
         }
     }
     *w++ = '"';
-    o->len = (size_t)(w - o->p);
+    o->end = (size_t)(w - o->p);
     return 0;
 }
 
@@ -298,7 +276,7 @@ static int evidence(const SealerObject *S, const char *q, size_t n, const char *
     return 0;
 }
 
-int seal_one(PyObject *sealer, SealChain *c, PyObject *shape, const SealRun *run, SealOut *out) {
+int seal_one(PyObject *sealer, SealChain *c, PyObject *shape, const SealRun *run, Buf *out) {
     SealerObject *S = (SealerObject *)sealer;
     if (run->rows < 0 || run->sqlstate[0] || !shape || !PyTuple_Check(shape))
         return 0;
@@ -312,14 +290,14 @@ int seal_one(PyObject *sealer, SealChain *c, PyObject *shape, const SealRun *run
         return 0;
     const char *query = NULL;
     size_t query_len = 0;
-    size_t mark = out->len;
+    size_t mark = out->end;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyTuple_GET_ITEM(shape, i);
         int failed;
         if (i % 2 == 0) {
             if (!PyBytes_Check(item))
                 goto no_line;
-            failed = out_append(out, PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item));
+            failed = buf_append(out, PyBytes_AS_STRING(item), (size_t)PyBytes_GET_SIZE(item));
         } else {
             long slot = PyLong_Check(item) ? PyLong_AsLong(item) : -1;
             switch (slot) {
@@ -335,30 +313,30 @@ int seal_one(PyObject *sealer, SealChain *c, PyObject *shape, const SealRun *run
             case SEAL_SEQ: failed = out_int(out, c->seq + 1); break;
             case SEAL_PREV_HASH: failed = out_string(out, c->last_hash, 64); break;
             case SEAL_CHAIN_ID: /* the uid's prefix without its colon, closed */
-                failed = out_append(out, c->uid_prefix, c->uid_len - 1) || out_append(out, "\"", 1);
+                failed = buf_append(out, c->uid_prefix, c->uid_len - 1) || buf_append(out, "\"", 1);
                 break;
             case SEAL_UID:
-                failed = out_append(out, c->uid_prefix, c->uid_len) || out_int(out, c->seq + 1) ||
-                         out_append(out, "\"", 1);
+                failed = buf_append(out, c->uid_prefix, c->uid_len) || out_int(out, c->seq + 1) ||
+                         buf_append(out, "\"", 1);
                 break;
             default: goto no_line;
             }
         }
         if (failed) {
-            out->len = mark;
+            out->end = mark;
             PyErr_NoMemory();
             return -1;
         }
     }
-    if (out->len == mark || out->p[out->len - 1] != '}')
+    if (out->end == mark || out->p[out->end - 1] != '}')
         goto no_line;
-    if (out_reserve(out, 76) < 0) { /* ,"hash":"<64>"} and the newline */
-        out->len = mark;
+    if (buf_reserve(out, 76) < 0) { /* ,"hash":"<64>"} and the newline */
+        out->end = mark;
         PyErr_NoMemory();
         return -1;
     }
     unsigned char digest[32];
-    S->sha256((const unsigned char *)out->p + mark, out->len - mark, digest);
+    S->sha256((const unsigned char *)out->p + mark, out->end - mark, digest);
     static const char hex[] = "0123456789abcdef";
     for (int i = 0; i < 32; i++) {
         c->last_hash[2 * i] = hex[digest[i] >> 4];
@@ -366,13 +344,13 @@ int seal_one(PyObject *sealer, SealChain *c, PyObject *shape, const SealRun *run
     }
     c->last_hash[64] = 0;
     c->seq++;
-    out->len--; /* the body's closing brace: the hash goes inside */
-    out_append(out, ",\"hash\":\"", 9);
-    out_append(out, c->last_hash, 64);
-    out_append(out, "\"}\n", 3);
+    out->end--; /* the body's closing brace: the hash goes inside */
+    buf_append(out, ",\"hash\":\"", 9);
+    buf_append(out, c->last_hash, 64);
+    buf_append(out, "\"}\n", 3);
     return 1;
 no_line:
-    out->len = mark;
+    out->end = mark;
     return 0;
 }
 
@@ -396,14 +374,14 @@ int seal_chain_read(PyObject *chain, SealChain *c) {
         goto done;
     memcpy(c->last_hash, PyUnicode_DATA(last), 64);
     c->last_hash[64] = 0;
-    SealOut prefix = {0};
+    Buf prefix = {0};
     if (out_string(&prefix, PyUnicode_DATA(chain_id), (size_t)PyUnicode_GET_LENGTH(chain_id)) < 0) {
         PyErr_NoMemory();
         goto done;
     }
-    prefix.p[prefix.len - 1] = ':'; /* the closing quote comes after the number */
+    prefix.p[prefix.end - 1] = ':'; /* the closing quote comes after the number */
     c->uid_prefix = prefix.p;
-    c->uid_len = prefix.len;
+    c->uid_len = prefix.end;
     ok = 0;
 done:
     Py_XDECREF(chain_id);
@@ -482,7 +460,7 @@ static PyObject *sealer_seal(PyObject *self, PyObject *args) {
     SealChain c;
     if (seal_chain_read(chain, &c) < 0)
         return NULL;
-    SealOut out = {0};
+    Buf out = {0};
     Py_ssize_t count = 0;
     int status = 1;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(runs) && status == 1; i++) {
@@ -515,7 +493,7 @@ static PyObject *sealer_seal(PyObject *self, PyObject *args) {
         PyErr_Clear();
     PyObject *result = NULL;
     if (status != -1 && seal_chain_write(chain, &c) == 0)
-        result = Py_BuildValue("(y#n)", out.p ? out.p : "", (Py_ssize_t)out.len, count);
+        result = Py_BuildValue("(y#n)", out.p ? out.p : "", (Py_ssize_t)out.end, count);
     free(out.p);
     seal_chain_free(&c);
     return result;

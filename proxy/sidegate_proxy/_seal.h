@@ -8,11 +8,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-/* Sealed lines, appended one after another. */
-typedef struct {
-    char *p;
-    size_t len, cap;
-} SealOut;
+#include "_buf.h"
 
 /* Where a chain stands: read from a Python audit.Chain, advanced here, written back. */
 typedef struct {
@@ -38,8 +34,8 @@ int seal_module_init(PyObject *module);
 int seal_chain_read(PyObject *chain, SealChain *c);
 int seal_chain_write(PyObject *chain, const SealChain *c);
 void seal_chain_free(SealChain *c);
-/* 1: the run's line is appended to ``out`` and the chain advanced; 0: it has no line here (the
+/* 1: the run's line is appended to ``out`` (sealed lines, one after another) and the chain advanced; 0: it has no line here (the
  * Python relay seals it); -1: no memory (exception set). */
-int seal_one(PyObject *sealer, SealChain *c, PyObject *shape, const SealRun *run, SealOut *out);
+int seal_one(PyObject *sealer, SealChain *c, PyObject *shape, const SealRun *run, Buf *out);
 
 #endif
