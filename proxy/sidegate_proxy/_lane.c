@@ -13,20 +13,22 @@
  *
  * Loop(): the thread. fileno() is readable when drain() has something:
  * adopt(token, client_fd, server_fd, client_bytes, server_bytes, statements, shapes, inject,
- *       max_message, seconds)
+ *       max_message, seconds[, client_tls, server_tls])
  *   statements: tuple of statement names (bytes) Python allows; a Bind names one by index.
  *   shapes: tuple of RowDescription frames (bytes) whose rows pass unchanged, or None for
  *   "every result passes" (the caller has no masking at all).
  *   inject: after a Bind that no Describe of its portal follows, ask for one (and swallow its
  *   answer), as the Python relay does to learn the result shape.
  *   seconds: how long the shapes hold (then the session goes back to Python).
+ *   client_tls, server_tls (optional): a TLS side's ``ssl.SSLObject._sslobj``, or None for plain
+ *   TCP: the lane reads and writes that side through it (_tls.c); tls_ready() says whether it can.
  * recall(token): send a session back to Python now, with what is in flight.
  * drain() -> (records, done):
  *   records: (token, statement index, wall time, seconds, rows or None, sqlstate or None), one
  *   per Execute the lane saw answered, in order;
  *   done: (token, (stop, client_rest, server_rest, to_client, to_server, pending, bound,
  *   last_client)) of sessions handed back: the bytes not relayed each way, those not yet written
- *   each way, requests in flight as (kind, statement index, bind serial, started), the unnamed
+ *   each way (on a TLS side: ciphertext, to be written raw ahead of anything else), requests in flight as (kind, statement index, bind serial, started), the unnamed
  *   portal's last Bind here as (bind serial, statement index) or None, and when the client last
  *   sent anything (CLOCK_MONOTONIC seconds; 0.0: nothing).
  * drain_sealed(sealer, chain, shapes, bounds): drain(), with the records sealed onto the audit
@@ -51,6 +53,7 @@
 #include <time.h>
 
 #include "_seal.h"
+#include "_tls.h"
 
 enum { K_BIND = 1, K_DESCRIBE_PORTAL, K_DESCRIBE_STATEMENT, K_INJECT, K_EXECUTE, K_SYNC, K_QUERY };
 enum {
@@ -118,6 +121,9 @@ struct Lane {
     long max_message;
     double deadline;
     int client_fd, server_fd;
+    void *tls[2];          /* per side: the SSL object (_tls.c), or NULL for plain TCP */
+    PyObject *tls_owner[2]; /* the Python object that owns it, kept alive while the lane uses it */
+    Buf wire[2];           /* per TLS side: ciphertext the socket has not taken yet */
     Side sides[2];
     uint32_t mask[2]; /* what epoll watches on each side */
     Buf cin, sin, cout, sout;
@@ -874,6 +880,10 @@ static void lane_free(Lane *lane) {
     free(lane->cout.p);
     free(lane->sout.p);
     free(lane->records);
+    for (int side = CLIENT; side <= SERVER; side++) {
+        free(lane->wire[side].p);
+        Py_XDECREF(lane->tls_owner[side]); /* every caller holds the GIL */
+    }
     free(lane);
 }
 
@@ -985,26 +995,73 @@ static int client_room(const Lane *lane) {
     return have < limit;
 }
 
+/* A side's bytes in, as plaintext: 1 data, 0 nothing now, -1 EOF, -2 error, -3 no memory. */
+static int side_recv(Lane *lane, int side) {
+    Buf *in = side == CLIENT ? &lane->cin : &lane->sin;
+    int fd = side == CLIENT ? lane->client_fd : lane->server_fd;
+    void *ssl = lane->tls[side];
+    if (!ssl)
+        return buf_recv(in, fd);
+    char wire[16 * 1024 + 512]; /* one whole TLS record at most */
+    ssize_t n = recv(fd, wire, sizeof wire, MSG_DONTWAIT);
+    int got;
+    if (n > 0)
+        got = tls_feed(ssl, wire, (size_t)n) < 0 ? -3 : 1;
+    else if (n == 0)
+        got = -1;
+    else if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+        got = 0;
+    else
+        return -2;
+    if (got == -3)
+        return got;
+    int pulled = tls_pull(ssl, in, &lane->wire[side]); /* the plaintext before an EOF still counts */
+    return pulled < 0 ? pulled : got;
+}
+
+/* A side's relayed bytes out (encrypted first on a TLS side): 0 fine, -2 error, -3 no memory. */
+static int side_send(Lane *lane, int side) {
+    Buf *out = side == CLIENT ? &lane->cout : &lane->sout;
+    int fd = side == CLIENT ? lane->client_fd : lane->server_fd;
+    if (!lane->tls[side])
+        return buf_send(out, fd) < 0 ? -2 : 0;
+    int sealed = tls_seal(lane->tls[side], out, &lane->wire[side]);
+    if (sealed < 0)
+        return sealed;
+    return buf_send(&lane->wire[side], fd) < 0 ? -2 : 0;
+}
+
+/* Bytes relayed to a side that its socket has not taken yet. */
+static size_t unsent(const Lane *lane, int side) {
+    return buf_len(side == CLIENT ? &lane->cout : &lane->sout) + buf_len(&lane->wire[side]);
+}
+
+static int stop_for(int side, int rc) {
+    if (rc == -3)
+        return STOP_NO_MEMORY;
+    if (rc == -1)
+        return side == CLIENT ? STOP_CLIENT_EOF : STOP_SERVER_EOF;
+    return side == CLIENT ? STOP_CLIENT_ERROR : STOP_SERVER_ERROR;
+}
+
 /* Relay what the buffers allow, then stop the session or watch for what it needs next. */
 static void advance(LoopObject *L, Lane *lane) {
     if (!lane->stop)
         from_client(lane);
     if (!lane->stop)
         from_server(lane);
-    if (!lane->stop && buf_send(&lane->sout, lane->server_fd) < 0)
-        lane->stop = STOP_SERVER_ERROR;
-    if (!lane->stop && buf_send(&lane->cout, lane->client_fd) < 0)
-        lane->stop = STOP_CLIENT_ERROR;
+    for (int side = SERVER, rc; side >= CLIENT; side--)
+        if (!lane->stop && (rc = side_send(lane, side)) < 0)
+            lane->stop = stop_for(side, rc);
     /* back to Python at once, with what is in flight: the server may be waiting for the very
      * Sync that sits behind the message the lane stopped at */
     if (!lane->stop && lane->client_stopped)
         lane->stop = STOP_CLIENT;
     publish_records(L, lane);
     if (!lane->stop) {
-        int room = lane->p_count + 2 <= MAX_PENDING && client_room(lane) && buf_len(&lane->sout) < HIGH_WATER;
-        uint32_t client = (!lane->client_stopped && room ? EPOLLIN : 0)
-                          | (buf_len(&lane->cout) ? EPOLLOUT : 0);
-        uint32_t server = (buf_len(&lane->cout) < HIGH_WATER ? EPOLLIN : 0) | (buf_len(&lane->sout) ? EPOLLOUT : 0);
+        int room = lane->p_count + 2 <= MAX_PENDING && client_room(lane) && unsent(lane, SERVER) < HIGH_WATER;
+        uint32_t client = (!lane->client_stopped && room ? EPOLLIN : 0) | (unsent(lane, CLIENT) ? EPOLLOUT : 0);
+        uint32_t server = (unsent(lane, CLIENT) < HIGH_WATER ? EPOLLIN : 0) | (unsent(lane, SERVER) ? EPOLLOUT : 0);
         if (watch(L, lane, CLIENT, client) < 0 || watch(L, lane, SERVER, server) < 0)
             lane->stop = STOP_NO_MEMORY;
     }
@@ -1018,20 +1075,20 @@ static void on_event(LoopObject *L, Side *side, uint32_t events) {
         return;
     if (side->side == SERVER) {
         if (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
-            int got = buf_recv(&lane->sin, lane->server_fd);
+            int got = side_recv(lane, SERVER);
             if (got < 0) {
                 from_server(lane); /* what came before the end still goes out */
                 if (!lane->stop)
-                    lane->stop = got == -1 ? STOP_SERVER_EOF : got == -2 ? STOP_SERVER_ERROR : STOP_NO_MEMORY;
+                    lane->stop = stop_for(SERVER, got);
             }
         }
     } else if (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
         if (lane->mask[CLIENT] & EPOLLIN) {
-            int got = buf_recv(&lane->cin, lane->client_fd);
+            int got = side_recv(lane, CLIENT);
             if (got == 1)
                 lane->last_client = now_clock(CLOCK_MONOTONIC);
             else if (got < 0)
-                lane->stop = got == -1 ? STOP_CLIENT_EOF : got == -2 ? STOP_CLIENT_ERROR : STOP_NO_MEMORY;
+                lane->stop = stop_for(CLIENT, got);
         } else if (events & (EPOLLERR | EPOLLHUP)) {
             lane->stop = STOP_SLICE; /* the client went away while not read: Python sees to it */
         }
@@ -1062,6 +1119,10 @@ static void adopt(LoopObject *L, Lane *lane) {
     }
     if (lane->deadline < L->next_deadline)
         L->next_deadline = lane->deadline;
+    for (int side = CLIENT, rc; side <= SERVER; side++) /* whole records Python left in the BIO */
+        if (lane->tls[side] && !lane->stop
+            && (rc = tls_pull(lane->tls[side], side == CLIENT ? &lane->cin : &lane->sin, &lane->wire[side])) < 0)
+            lane->stop = stop_for(side, rc);
     advance(L, lane); /* the bytes Python had already read */
 }
 
@@ -1213,9 +1274,16 @@ static PyObject *done_tuple(Lane *lane, PyObject *records) {
         }
         PyList_SET_ITEM(pending, (Py_ssize_t)i, item);
     }
+    for (int side = CLIENT; side <= SERVER; side++) /* a TLS side's unsent bytes go back as ciphertext */
+        if (lane->tls[side] && tls_seal(lane->tls[side], side == CLIENT ? &lane->cout : &lane->sout,
+                                        &lane->wire[side]) < 0) {
+            Py_DECREF(pending);
+            return PyErr_NoMemory();
+        }
     PyObject *bound = lane->serial ? Py_BuildValue("(li)", lane->serial, lane->bound_statement) : Py_NewRef(Py_None);
     PyObject *cin = buf_bytes(&lane->cin), *sin = buf_bytes(&lane->sin);
-    PyObject *cout = buf_bytes(&lane->cout), *sout = buf_bytes(&lane->sout);
+    PyObject *cout = buf_bytes(lane->tls[CLIENT] ? &lane->wire[CLIENT] : &lane->cout);
+    PyObject *sout = buf_bytes(lane->tls[SERVER] ? &lane->wire[SERVER] : &lane->sout);
     PyObject *result = NULL;
     if (bound && cin && sin && cout && sout)
         result = Py_BuildValue("(l(iOOOOOOd))", lane->token, lane->stop, cin, sin, cout, sout, pending, bound,
@@ -1274,11 +1342,11 @@ static PyObject *loop_adopt(LoopObject *L, PyObject *args) {
     long token, max_message;
     int client_fd, server_fd, inject;
     Py_buffer client_bytes, server_bytes;
-    PyObject *statements, *queries, *shapes;
+    PyObject *statements, *queries, *shapes, *tls_owner[2] = {Py_None, Py_None};
     double seconds;
-    if (!PyArg_ParseTuple(args, "liiy*y*O!O!Opld", &token, &client_fd, &server_fd, &client_bytes, &server_bytes,
+    if (!PyArg_ParseTuple(args, "liiy*y*O!O!Opld|OO", &token, &client_fd, &server_fd, &client_bytes, &server_bytes,
                           &PyTuple_Type, &statements, &PyTuple_Type, &queries, &shapes, &inject, &max_message,
-                          &seconds))
+                          &seconds, &tls_owner[CLIENT], &tls_owner[SERVER]))
         return NULL;
     Lane *lane = NULL;
     PyObject *result = NULL;
@@ -1310,6 +1378,14 @@ static PyObject *loop_adopt(LoopObject *L, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
+    for (int side = CLIENT; side <= SERVER; side++)
+        if (tls_owner[side] != Py_None) {
+            if (!(lane->tls[side] = tls_ssl_of(tls_owner[side]))) {
+                PyErr_SetString(PyExc_TypeError, "the lane cannot drive this TLS object");
+                goto done;
+            }
+            lane->tls_owner[side] = Py_NewRef(tls_owner[side]);
+        }
     lane->token = token;
     lane->client_fd = client_fd;
     lane->server_fd = server_fd;
@@ -1663,7 +1739,17 @@ static PyObject *module_literal_key(PyObject *Py_UNUSED(module), PyObject *arg) 
     return result;
 }
 
+static PyObject *module_tls_ready(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)) {
+    return PyBool_FromLong(tls_ready());
+}
+
+static PyObject *module_tls_drivable(PyObject *Py_UNUSED(module), PyObject *arg) {
+    return PyBool_FromLong(tls_ssl_of(arg) != NULL);
+}
+
 static PyMethodDef module_methods[] = {
+    {"tls_ready", module_tls_ready, METH_NOARGS, "Whether the lane can drive TLS sessions (libssl found)."},
+    {"tls_drivable", module_tls_drivable, METH_O, "Whether adopt() can drive this ssl.SSLObject._sslobj."},
     {"literal_key", module_literal_key, METH_O, "The key a simple query's shape is known by in the lane, or None."},
     {NULL, NULL, 0, NULL},
 };

@@ -24,7 +24,7 @@ COMPILED = ("pgwire", "pgproxy", "masking", "detectors")  # setup.py's NATIVE_MO
 STAMP = "_native_build.json"
 LANE = "_lane"  # the native lane of a PostgreSQL session: C, built beside the compiled modules
 LANE_SOURCE = f"{LANE}.c"
-LANE_SOURCES = (LANE_SOURCE, "_seal.c", "_seal.h", "_buf.h")  # _seal.c: audit records sealed in C, linked in
+LANE_SOURCES = (LANE_SOURCE, "_seal.c", "_tls.c", "_seal.h", "_tls.h", "_buf.h")  # linked in: audit sealing, TLS
 PURE_ENV = "SIDEGATE_PURE_PYTHON"
 
 

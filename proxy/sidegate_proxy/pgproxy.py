@@ -104,6 +104,8 @@ from .pgwire import (
 from .policy import Caller, Decision, check_access
 from .secrets import SecretMissing, SecretStore
 from .sqlparse import ALL_COLUMNS, statement_text
+from .tls import TLSTransport
+from .tls import handshake as tls_handshake
 
 __all__ = ["ProxyServer", "ProxySettings", "UpstreamError", "open_upstream"]
 
@@ -161,7 +163,7 @@ class ProxySettings:
     upstream_auth: frozenset[str] = METHODS  # like libpq's require_auth
     catalog_connections: int = 2
     catalog_ttl: float = 300.0
-    lane: bool = True  # relay a plain-TCP session's steady state natively, when the lane is built
+    lane: bool = True  # relay a session's steady state natively (plain TCP or TLS), when the lane is built
     lane_seals: bool = True  # the lane seals its statements' audit records in C (else Python does)
 
 
@@ -232,8 +234,9 @@ async def open_upstream(
             if getattr(reader, "_buffer", b""):  # CVE-2021-23222: plaintext injected before the handshake
                 raise UpstreamError("sidegate: TLS with the target failed: unencrypted data after its answer",
                                     "tls")
-            await asyncio.wait_for(
-                writer.start_tls(tls, server_hostname=host if tls.check_hostname else None),
+            reader, writer = await asyncio.wait_for(
+                tls_handshake(reader, writer, tls, server_side=False,
+                                    server_hostname=host if tls.check_hostname else None),
                 settings.connect_timeout,
             )
         startup = {"user": user, "database": str(target.database), **params}
@@ -445,6 +448,15 @@ SERVER: Final = 1
 _NO_PLAN: Final = (None, 0, 0.0)  # ``Session._known_plan`` without a masker: nothing to mask
 # a message handled synchronously (None) or the coroutine that finishes handling it
 _Handler = Coroutine[Any, Any, None] | None
+
+
+def _lane_tls(transport: Any) -> object:
+    """What the lane is given for one side: None (plain TCP), the SSL object it drives (a
+    ``TLSTransport``'s), or False when it cannot carry that side."""
+    if transport.get_extra_info("ssl_object") is None:
+        return None
+    owner = getattr(transport.ssl_object, "_sslobj", None) if isinstance(transport, TLSTransport) else None
+    return owner if owner is not None and _LANE.tls_drivable(owner) else False
 
 
 class _RelayProtocol(asyncio.Protocol):
@@ -713,7 +725,7 @@ class Session:
             raise ProtocolError("data received after an encryption request")
         self.writer.write(b"S")
         await self.writer.drain()
-        await self.writer.start_tls(ctx)
+        self.reader, self.writer = await tls_handshake(self.reader, self.writer, ctx, server_side=True)
 
     async def _authenticate(self, startup: StartupMessage) -> bool:
         params = self.params = startup.params
@@ -1018,7 +1030,7 @@ class Session:
         allowed that only read or write rows, answered by result shapes Python found nothing to
         mask in. Anything else the lane hands back untouched, see ``_lane_done``."""
         if (_LANE is None or not self.server.settings.lane or self._lane_run is not None or self._lane_resuming
-                or self._client_tls or self._upstream_tls or self.skip_until_sync or self._done_or_none()
+                or self.skip_until_sync or self._done_or_none()
                 or self._busy[CLIENT] or self._busy[SERVER] or self._blocks[CLIENT] or self._blocks[SERVER]
                 or self._backlog[CLIENT] or self._backlog[SERVER] or self._to_client or self._to_upstream
                 or self._transports is None or self.upstream is None or self._loop is None):
@@ -1028,6 +1040,9 @@ class Session:
             return
         transports = self._transports
         if transports[CLIENT].get_write_buffer_size() or transports[SERVER].get_write_buffer_size():
+            return
+        tls = (_lane_tls(transports[CLIENT]), _lane_tls(transports[SERVER]))
+        if tls[CLIENT] is False or tls[SERVER] is False:
             return
         names: list[bytes] = []
         chosen: list[_Statement] = []
@@ -1059,7 +1074,7 @@ class Session:
                        transports[SERVER].get_extra_info("socket").fileno(), self.fparser.take_pending(),
                        self.upstream.parser.take_pending(), tuple(names), tuple(self._lane_queries), shapes,
                        self.masker is not None,
-                       self.server.settings.max_message, seconds)
+                       self.server.settings.max_message, seconds, tls[CLIENT], tls[SERVER])
         except Exception as exc:
             self.server._in_lane.pop(token, None)
             self._end(exc)
@@ -1131,10 +1146,13 @@ class Session:
         lane = _LANE
         chosen = self._lane_chosen
         assert self._transports is not None
-        if to_server:
-            self._transports[SERVER].write(to_server)
-        if to_client:
-            self._transports[CLIENT].write(to_client)
+        for side, unsent in ((SERVER, to_server), (CLIENT, to_client)):
+            if unsent:
+                transport = self._transports[side]
+                if isinstance(transport, TLSTransport):
+                    transport.write_raw(unsent)  # already encrypted, in the order the lane made it
+                else:
+                    transport.write(unsent)
         self._last_client = max(self._last_client, last_client)
         portals: dict[int, _Portal] = {}
 
