@@ -11,6 +11,10 @@ the same run so the ratios compare like with like:
 * Sidegate: ``sidegate proxy --manifests DIR`` in its own process, the demo's policy (JWT
   password from a local issuer, guardrails, masking active for the caller, audit to a spool).
 
+PgBouncer and Sidegate also serve TLS to clients (a throwaway self-signed certificate): their
+``TLS`` rows are the same processes with pgbench connecting ``sslmode=require``, the target side
+plain, and their ratios still against plain direct, so they carry the cost of the encryption.
+
 Each runs ``pgbench -S -n`` for a fixed duration at 1 and 8 clients, with the simple protocol
 (pgbench's default) and ``-M prepared`` (extended protocol). pgbench reports TPS and average
 latency; p50/p99 come from its per-transaction logs (``-l``). Every process shares the
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import pwd
 import re
@@ -61,6 +66,7 @@ class Target:
     password: str
     database: str
     pid: int | None = None  # the proxy's process, whose CPU time per query is reported
+    tls: bool = False  # clients connect with sslmode=require
 
 
 @dataclass
@@ -88,6 +94,18 @@ class Result:
 
 def pg_tool(name: str, pg: LocalPostgres) -> str:
     return shutil.which(name) or str(pg.bin / name)
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 and its key, for the proxies' client-side TLS."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "tls.crt", folder / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
+                   check=True, capture_output=True)
+    for path in (folder, cert, key):
+        os.chmod(path, 0o755 if path == folder else 0o644)  # PgBouncer reads them as postgres
+    return cert, key
 
 
 def write_manifests(folder: Path, pg: LocalPostgres, issuer: LocalIssuer, port: int) -> str:
@@ -136,8 +154,9 @@ def sidegate(pg: LocalPostgres, issuer: LocalIssuer, workdir: Path, *flags: str,
 
 
 @contextlib.contextmanager
-def pgbouncer(pg: LocalPostgres, workdir: Path) -> Iterator[tuple[int, int]]:
-    """PgBouncer on loopback: ``app`` in transaction mode, ``app_session`` in session mode."""
+def pgbouncer(pg: LocalPostgres, workdir: Path, tls: tuple[Path, Path]) -> Iterator[tuple[int, int]]:
+    """PgBouncer on loopback: ``app`` in transaction mode, ``app_session`` in session mode; TLS
+    for the clients that ask (``tls``: certificate and key)."""
     port = free_port()
     folder = workdir / "pgbouncer"
     folder.mkdir()
@@ -159,6 +178,9 @@ default_pool_size = 8
 max_client_conn = 100
 logfile = {folder}/pgbouncer.log
 pidfile = {folder}/pgbouncer.pid
+client_tls_sslmode = allow
+client_tls_cert_file = {tls[0]}
+client_tls_key_file = {tls[1]}
 """)
     argv = [PGBOUNCER, str(folder / "pgbouncer.ini")]
     if os.geteuid() == 0:  # PgBouncer refuses to run as root, like PostgreSQL
@@ -183,7 +205,8 @@ pidfile = {folder}/pgbouncer.pid
 
 
 def _env(target: Target) -> dict[str, str]:
-    return {**os.environ, "PGPASSWORD": target.password, "PGCONNECT_TIMEOUT": "10", "PGSSLMODE": "disable"}
+    return {**os.environ, "PGPASSWORD": target.password, "PGCONNECT_TIMEOUT": "10",
+            "PGSSLMODE": "require" if target.tls else "disable"}
 
 
 def psql(pg: LocalPostgres, target: Target, sql: str) -> tuple[int, str]:
@@ -270,11 +293,13 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
     issuer = LocalIssuer()
     workdir = Path(tempfile.mkdtemp(prefix="sidegate-bench-pg-"))
     os.chmod(workdir, 0o755)
+    tls = self_signed(workdir / "tls")
+    tls_flags = ("--tls-cert", str(tls[0]), "--tls-key", str(tls[1]))
     try:
-        with LocalPostgres() as pg, sidegate(pg, issuer, workdir / "inline") as (sg_port, sg_pid), \
+        with LocalPostgres() as pg, sidegate(pg, issuer, workdir / "inline", *tls_flags) as (sg_port, sg_pid), \
                 sidegate(pg, issuer, workdir / "worker", "--audit-worker") as (sw_port, sw_pid), \
                 sidegate(pg, issuer, workdir / "pure", pure=True) as (sp_port, sp_pid), \
-                pgbouncer(pg, workdir) as (pb_port, pb_pid):
+                pgbouncer(pg, workdir, tls) as (pb_port, pb_pid):
             subprocess.run([pg_tool("pgbench", pg), "-i", "-q", "-s", str(scale), "-h", str(pg.sockdir), "-p",
                             str(pg.port), "-U", pg.user, pg.database], check=True, capture_output=True)
             direct = Target("direct", pg.port, pg.user, pg.password, pg.database)
@@ -283,7 +308,10 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
             gate = Target("Sidegate", sg_port, "bot", issuer.mint(BOT), pg.database, sg_pid)
             worker = Target("Sidegate --audit-worker", sw_port, "bot", issuer.mint(BOT), pg.database, sw_pid)
             pure = Target(PURE, sp_port, "bot", issuer.mint(BOT), pg.database, sp_pid)
-            for target in (gate, worker, pure):
+            bouncer_tls = dataclasses.replace(bouncer, name="PgBouncer TLS", tls=True)
+            bouncer_session_tls = dataclasses.replace(bouncer_session, name="PgBouncer TLS", tls=True)
+            gate_tls = dataclasses.replace(gate, name="Sidegate TLS", tls=True)
+            for target in (gate, worker, pure, gate_tls):
                 check_policy(pg, target)
             logdir = workdir / "logs"
             logdir.mkdir()
@@ -292,7 +320,8 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
                 runs.append([
                     pgbench(pg, target, mode, clients, duration, logdir)
                     for mode in MODES for clients in CLIENTS
-                    for target in (direct, bouncer_session if mode == "prepared" else bouncer, gate, worker, pure)
+                    for target in (direct, bouncer_session if mode == "prepared" else bouncer, gate, worker, pure,
+                                   bouncer_session_tls if mode == "prepared" else bouncer_tls, gate_tls)
                 ])
             versions = {
                 "postgres": subprocess.run([str(pg.bin / "postgres"), "--version"], capture_output=True,
@@ -322,6 +351,9 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
             "audit is sealed and spooled by a second process, whose CPU is counted in the proxy's",
             f"Sidegate's data plane: {NATIVE.reason}; '{PURE}' runs the same source as Python "
             "(SIDEGATE_PURE_PYTHON=1)",
+            "TLS rows: the same PgBouncer (client_tls_sslmode=allow) and Sidegate (--tls-cert) with pgbench "
+            "connecting sslmode=require (TLS 1.3, P-256 certificate); the target side plain; ratios against "
+            "plain direct",
         ],
         "results": [asdict(r) for r in results],
     }

@@ -181,6 +181,11 @@ def interpretation(results: dict[str, Any]) -> list[str]:
                 f"direct TPS (PgBouncer {pb8['tps_ratio']:.2f}x). pgbench's select is a ~0.2 ms point lookup, "
                 "so a fixed per-query cost in the proxy dominates the ratio: for heavier queries the added "
                 "milliseconds, not the ratio, are the number to carry over.")
+        st8, pt8 = at.get(("Sidegate TLS", "prepared", 8)), at.get(("PgBouncer TLS", "prepared", 8))
+        if st8 and pt8:
+            out.append(
+                f"- **PostgreSQL over TLS** (client side, prepared, 8 clients): Sidegate {st8['tps_ratio']:.2f}x "
+                f"the plain direct TPS, PgBouncer {pt8['tps_ratio']:.2f}x.")
     op = results.get("operator")
     if isinstance(op, dict) and "reconcile" in op:
         big = op["reconcile"][-1]
@@ -246,7 +251,8 @@ def write_chart(path: Path, results: dict[str, Any]) -> bool:
     ratios: list[float] = []
     added: list[float] = []
     colors: list[str] = []
-    palette = {"nginx": "#7f7f7f", "PgBouncer": "#7f7f7f", "Sidegate --audit-worker": "#ff7f0e",
+    palette = {"nginx": "#7f7f7f", "PgBouncer": "#7f7f7f", "PgBouncer TLS": "#bcbcbc", "Sidegate TLS": "#8c564b",
+               "Sidegate --audit-worker": "#ff7f0e",
                "Sidegate (pure Python)": "#9467bd"}
     http = results.get("http")
     if isinstance(http, dict) and "results" in http:
