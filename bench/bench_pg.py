@@ -392,12 +392,12 @@ def _cpu(r: dict[str, Any]) -> str:
 
 def format_table(data: dict[str, Any]) -> str:
     lines = [
-        f"{'target':<11}{'mode':<10}{'clients':>8}{'TPS':>10}{'avg ms':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'target':<24}{'mode':<10}{'clients':>8}{'TPS':>10}{'avg ms':>9}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'+avg ms':>9}{'TPS/direct':>20}{'proxy CPU us/q':>15}{'failed':>8}",
     ]
     for r in data["results"]:
         lines.append(
-            f"{r['target']:<11}{r['mode']:<10}{r['clients']:>8}{r['tps']:>10.0f}{r['latency_avg_ms']:>9.3f}"
+            f"{r['target']:<24}{r['mode']:<10}{r['clients']:>8}{r['tps']:>10.0f}{r['latency_avg_ms']:>9.3f}"
             f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['added_ms']:>9.3f}{ratio_text(r):>20}"
             f"{_cpu(r):>15}{r['failed']:>8}"
         )
