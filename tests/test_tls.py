@@ -204,3 +204,16 @@ async def test_garbage_instead_of_records_ends_the_connection(tmp_path: Path) ->
         with pytest.raises(ssl.SSLError):  # not an EOF: the reader learns why
             await asyncio.wait_for(lost, 10)
         transport.abort()
+
+
+async def test_writing_after_a_fatal_error_reports_the_loss(tmp_path: Path) -> None:
+    server_ctx, client_ctx, _ca = loopback_tls(str(tmp_path))
+    async with tls_server(server_ctx, upper) as (port, _errors):
+        reader, writer = await connect(port, client_ctx)
+        transport = writer.transport
+        assert isinstance(transport, TLSTransport)
+        transport.incoming.write(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # as if the server had sent it
+        transport.decrypt()  # bad record MAC: the connection is lost
+        writer.write(b"too late")  # no exception here
+        with pytest.raises(ssl.SSLError):
+            await asyncio.wait_for(reader.read(), 10)

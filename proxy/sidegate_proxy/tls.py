@@ -122,7 +122,12 @@ class TLSTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed or not data:
             return
-        self.ssl_object.write(data)
+        try:
+            self.ssl_object.write(data)
+        except ssl.SSLError as broken:  # a transport's write does not raise: the loss is reported
+            self._error = broken
+            self.abort()
+            return
         self._send()
 
     def writelines(self, list_of_data: Any) -> None:
