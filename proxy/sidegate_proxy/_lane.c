@@ -28,9 +28,10 @@
  *   per Execute the lane saw answered, in order;
  *   done: (token, (stop, client_rest, server_rest, to_client, to_server, pending, bound,
  *   last_client)) of sessions handed back: the bytes not relayed each way, those not yet written
- *   each way (on a TLS side: ciphertext, to be written raw ahead of anything else), requests in flight as (kind, statement index, bind serial, started), the unnamed
- *   portal's last Bind here as (bind serial, statement index) or None, and when the client last
- *   sent anything (CLOCK_MONOTONIC seconds; 0.0: nothing).
+ *   each way (on a TLS side: ciphertext, to be written raw ahead of anything else), requests in
+ *   flight as (kind, statement index, bind serial, started), the unnamed portal's last Bind here
+ *   as (bind serial, statement index) or None, and when the client last sent anything
+ *   (CLOCK_MONOTONIC seconds; 0.0: nothing).
  * drain_sealed(sealer, chain, shapes, bounds): drain(), with the records sealed onto the audit
  *   chain in C first (_seal.c), as far as they have a shape: shapes[token] = (statement shapes,
  *   query shapes). Returns (lines, sealed, counts per token, latency buckets or None, the
@@ -1002,7 +1003,7 @@ static int side_recv(Lane *lane, int side) {
     void *ssl = lane->tls[side];
     if (!ssl)
         return buf_recv(in, fd);
-    char wire[16 * 1024 + 512]; /* one whole TLS record at most */
+    char wire[READ_CHUNK]; /* on the lane thread's stack (glibc: 2 MiB at least) */
     ssize_t n = recv(fd, wire, sizeof wire, MSG_DONTWAIT);
     int got;
     if (n > 0)
@@ -1274,12 +1275,10 @@ static PyObject *done_tuple(Lane *lane, PyObject *records) {
         }
         PyList_SET_ITEM(pending, (Py_ssize_t)i, item);
     }
-    for (int side = CLIENT; side <= SERVER; side++) /* a TLS side's unsent bytes go back as ciphertext */
-        if (lane->tls[side] && tls_seal(lane->tls[side], side == CLIENT ? &lane->cout : &lane->sout,
-                                        &lane->wire[side]) < 0) {
-            Py_DECREF(pending);
-            return PyErr_NoMemory();
-        }
+    for (int side = CLIENT, rc; side <= SERVER; side++) /* a TLS side's unsent bytes go back as ciphertext */
+        if (lane->tls[side]
+            && (rc = tls_seal(lane->tls[side], side == CLIENT ? &lane->cout : &lane->sout, &lane->wire[side])) < 0)
+            lane->stop = stop_for(side, rc); /* what could not be encrypted is lost with the session */
     PyObject *bound = lane->serial ? Py_BuildValue("(li)", lane->serial, lane->bound_statement) : Py_NewRef(Py_None);
     PyObject *cin = buf_bytes(&lane->cin), *sin = buf_bytes(&lane->sin);
     PyObject *cout = buf_bytes(lane->tls[CLIENT] ? &lane->wire[CLIENT] : &lane->cout);

@@ -67,7 +67,7 @@ def proxy_parser() -> argparse.ArgumentParser:
                         "statements in the native lane cost more with it (the lane seals in C inline; see "
                         "docs/performance.md)")
     p.add_argument("--no-native-lane", action="store_true",
-                   help="relay every PostgreSQL message in Python (by default, a plain-TCP session's prepared "
+                   help="relay every PostgreSQL message in Python (by default, a session's prepared "
                         "statements run in the native lane once Python has allowed them; see docs/performance.md)")
     p.add_argument("--tls-cert", metavar="FILE", help="serve TLS to clients with this certificate")
     p.add_argument("--tls-key", metavar="FILE")
