@@ -8,8 +8,11 @@ blocked statements) that lose or reorder no byte either way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 import ssl
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +23,23 @@ import pytest
 import sidegate_proxy
 from oidc_issuer import loopback_tls
 from pg_fixtures import PG, TLSPG, ProxyUnderTest, run_proxy
+from sidegate_proxy import pgwire
 from sidegate_proxy.pgproxy import ProxySettings
+from sidegate_proxy.tls import TLSTransport
 from test_pgproxy import NO_DROP, client_backends
 from test_pgproxy_lane import (
     EMAILS,
     NO_LANE,
     RED,
+    SYNC,
     assert_commands_counted,
+    bind,
+    describe,
+    execute,
     need_lane,
     outcome,
+    parse,
+    read_ready,
     sessions_ended,
 )
 from test_pgproxy_upstream_tls import CA_REF, STAT_SSL, ca_secret
@@ -196,3 +207,103 @@ def test_the_lane_drives_only_real_ssl_objects() -> None:
     assert lane.tls_drivable(sslobj._sslobj)
     for other in (sslobj, object(), b"x" * 64, None, ctx):
         assert not lane.tls_drivable(other)
+
+
+# --------------------------------------------------------------------------- raw TLS clients
+
+
+async def tls_raw_session(p: ProxyUnderTest, client_ctx: ssl.SSLContext, sql: bytes,
+                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw session over TLS that prepared ``sql`` (one int parameter) as ``s`` and ran it five
+    times: in the lane from there on."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    writer.write(pgwire.ssl_request())
+    assert await reader.readexactly(1) == b"S"
+    await writer.start_tls(client_ctx, server_hostname="localhost")
+    writer.write(pgwire.startup_message({"user": "app", "database": "app"}) + pgwire.password_message(p.token()))
+    await read_ready(reader, "login")
+    writer.write(parse(b"s", sql) + bind(b"s", [b"1"]) + describe(b"P") + execute() + SYNC)
+    await read_ready(reader, "first")
+    for n in range(2, 6):  # a masking plan is checked once more before its shape is cleared
+        writer.write(bind(b"s", [str(n).encode()]) + execute() + SYNC)
+        await read_ready(reader, "lane")
+    assert p.server.lane_slices > 0 and p.server.lane_statements > 0
+    return reader, writer
+
+
+async def read_results(reader: asyncio.StreamReader, ready: int, within: float) -> list[bytes]:
+    """The first column of every DataRow until ``ready`` ReadyForQuery have come."""
+    buf, values, seen = bytearray(), [], 0
+    async with asyncio.timeout(within):
+        while seen < ready:
+            chunk = await reader.read(1 << 20)
+            assert chunk, "connection closed"
+            buf += chunk
+            while len(buf) >= 5 and len(buf) >= 1 + struct.unpack_from("!i", buf, 1)[0]:
+                size = 1 + struct.unpack_from("!i", buf, 1)[0]
+                kind, body = bytes(buf[:1]), bytes(buf[5:size])
+                del buf[:size]
+                if kind == b"D":
+                    n = struct.unpack_from("!i", body, 2)[0]
+                    values.append(body[6:6 + n])
+                seen += kind == b"Z"
+    return values
+
+
+async def test_unsent_ciphertext_goes_back_to_python_in_order(postgres: PG, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that does not read while the lane hands its session back (masking plans are
+    checked again every second): the ciphertext the lane made and the socket did not take is
+    written by Python raw, ahead of what it encrypts itself, and the client gets every byte."""
+    need_lane()
+    written: list[int] = []
+    write_raw = TLSTransport.write_raw
+
+    def spy(self: TLSTransport, data: bytes) -> None:
+        written.append(len(data))
+        write_raw(self, data)
+
+    monkeypatch.setattr(TLSTransport, "write_raw", spy)
+    size = 32_000_000  # more than the kernel's socket buffers on both ends hold
+    postgres.sql("DROP TABLE IF EXISTS tls_blob; CREATE TABLE tls_blob (id int PRIMARY KEY, body text); "
+                 "INSERT INTO tls_blob SELECT g, repeat('x', g) FROM generate_series(1, 9) AS g; "
+                 f"INSERT INTO tls_blob VALUES (99, repeat('x', {size}))")
+    server_ctx, client_ctx = client_tls(tmp_path)
+    try:
+        async with run_proxy(postgres, tmp_path, masking=[EMAILS], ssl_context=server_ctx) as p:
+            # a table's column: its plan (nothing to mask) is cached, so the lane may relay it
+            reader, writer = await tls_raw_session(p, client_ctx, b"SELECT body FROM tls_blob WHERE id = $1")
+            writer.write(bind(b"s", [b"99"]) + execute() + SYNC + bind(b"s", [b"3"]) + execute() + SYNC)
+            await asyncio.sleep(1.5)  # reading nothing while the lane's second runs out
+            values = await read_results(reader, 2, within=60)
+            assert [len(v) for v in values] == [size, 3] and values[0] == b"x" * size and values[1] == b"xxx"
+            assert any(written), written  # the hand-back carried ciphertext
+            writer.write(bind(b"s", [b"4"]) + execute() + SYNC)  # and the session goes on
+            assert await read_results(reader, 1, within=10) == [b"xxxx"]
+            writer.close()
+            await sessions_ended(p, 1)
+    finally:
+        postgres.sql("DROP TABLE IF EXISTS tls_blob")
+
+
+@pytest.mark.parametrize("end", ["garbage", "close_notify"])
+async def test_tls_trouble_while_in_the_lane(postgres: PG, tmp_path: Path, end: str) -> None:
+    """Bytes that are not TLS records end the session as a lost connection; a close_notify ends
+    it as an EOF; either way the proxy serves the next session."""
+    need_lane()
+    server_ctx, client_ctx = client_tls(tmp_path)
+    async with run_proxy(postgres, tmp_path, ssl_context=server_ctx) as p:
+        reader, writer = await tls_raw_session(p, client_ctx, b"SELECT $1::int")
+        if end == "garbage":
+            sock = writer.transport.get_extra_info("socket")
+            os.write(sock.fileno(), b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # fails its MAC
+            with contextlib.suppress(ssl.SSLError, ConnectionError):
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+        else:
+            writer.close()
+        ends = await sessions_ended(p, 1)
+        assert ends[0].commands == 5
+        c = await asyncpg.connect(**p.kwargs(ssl=client_ctx))
+        assert await c.fetchval("SELECT 41 + 1") == 42
+        await c.close()
+        writer.close()
