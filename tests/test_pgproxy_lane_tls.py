@@ -43,6 +43,7 @@ from test_pgproxy_lane import (
     sessions_ended,
 )
 from test_pgproxy_upstream_tls import CA_REF, STAT_SSL, ca_secret
+from test_tls import BAD_RECORD
 
 pytestmark = pytest.mark.postgres
 
@@ -296,7 +297,7 @@ async def test_tls_trouble_while_in_the_lane(postgres: PG, tmp_path: Path, end: 
         reader, writer = await tls_raw_session(p, client_ctx, b"SELECT $1::int")
         if end == "garbage":
             sock = writer.transport.get_extra_info("socket")
-            os.write(sock.fileno(), b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # fails its MAC
+            os.write(sock.fileno(), BAD_RECORD)
             with contextlib.suppress(ssl.SSLError, ConnectionError):
                 assert await asyncio.wait_for(reader.read(), 10) == b""
         else:

@@ -20,7 +20,8 @@ import pytest
 from oidc_issuer import loopback_tls
 from sidegate_proxy.tls import TLSTransport, handshake
 
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# an application data record that fails its MAC
+BAD_RECORD = b"\x17\x03\x03\x00\x20" + b"\x00" * 32
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -52,9 +53,14 @@ async def upper(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
-async def connect(port: int, ctx: ssl.SSLContext, host: str | None = "localhost") -> Streams:
+async def connect(port: int, ctx: ssl.SSLContext, host: str | None = "localhost",
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, TLSTransport]:
+    """A client's plaintext streams, and the TLS transport under them."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    return await handshake(reader, writer, ctx, server_side=False, server_hostname=host)
+    reader, writer = await handshake(reader, writer, ctx, server_side=False, server_hostname=host)
+    transport = writer.transport
+    assert isinstance(transport, TLSTransport)
+    return reader, writer, transport
 
 
 async def read_exactly(reader: asyncio.StreamReader, n: int) -> bytes:
@@ -64,9 +70,7 @@ async def read_exactly(reader: asyncio.StreamReader, n: int) -> bytes:
 async def test_round_trip_both_sides(tmp_path: Path) -> None:
     server_ctx, client_ctx, _ca = loopback_tls(str(tmp_path))
     async with tls_server(server_ctx, upper) as (port, errors):
-        reader, writer = await connect(port, client_ctx)
-        transport = writer.transport
-        assert isinstance(transport, TLSTransport)
+        reader, writer, transport = await connect(port, client_ctx)
         assert transport.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
         assert transport.get_extra_info("peercert")["subject"]
         assert transport.get_extra_info("cipher")
@@ -113,9 +117,7 @@ async def test_raw_ciphertext_keeps_its_place(tmp_path: Path) -> None:
     """What the lane encrypted but could not send goes out raw, before what Python encrypts next."""
     server_ctx, client_ctx, _ca = loopback_tls(str(tmp_path))
     async with tls_server(server_ctx, upper) as (port, errors):
-        reader, writer = await connect(port, client_ctx)
-        transport = writer.transport
-        assert isinstance(transport, TLSTransport)
+        reader, writer, transport = await connect(port, client_ctx)
         transport.ssl_object.write(b"first,")  # as _tls.c does, on the same SSL object
         sealed = transport.outgoing.read()
         transport.write_raw(sealed)
@@ -135,11 +137,9 @@ async def test_both_kinds_of_end_read_as_eof(tmp_path: Path, how: str) -> None:
         writer.close()
 
     async with tls_server(server_ctx, until_eof) as (port, errors):
-        _reader, writer = await connect(port, client_ctx)
+        _reader, writer, transport = await connect(port, client_ctx)
         writer.write(b"last words")
         await writer.drain()
-        transport = writer.transport
-        assert isinstance(transport, TLSTransport)
         if how == "close_notify":
             writer.close()
         else:  # PostgreSQL's clients: Terminate, then the socket just closes
@@ -197,10 +197,8 @@ async def test_garbage_instead_of_records_ends_the_connection(tmp_path: Path) ->
             lost.set_exception(exc)
 
     async with tls_server(server_ctx, read_all) as (port, _errors):
-        _reader, writer = await connect(port, client_ctx)
-        transport = writer.transport
-        assert isinstance(transport, TLSTransport)
-        transport.write_raw(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # an application record that fails its MAC
+        _reader, _writer, transport = await connect(port, client_ctx)
+        transport.write_raw(BAD_RECORD)
         with pytest.raises(ssl.SSLError):  # not an EOF: the reader learns why
             await asyncio.wait_for(lost, 10)
         transport.abort()
@@ -209,10 +207,8 @@ async def test_garbage_instead_of_records_ends_the_connection(tmp_path: Path) ->
 async def test_writing_after_a_fatal_error_reports_the_loss(tmp_path: Path) -> None:
     server_ctx, client_ctx, _ca = loopback_tls(str(tmp_path))
     async with tls_server(server_ctx, upper) as (port, _errors):
-        reader, writer = await connect(port, client_ctx)
-        transport = writer.transport
-        assert isinstance(transport, TLSTransport)
-        transport.incoming.write(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # as if the server had sent it
+        reader, writer, transport = await connect(port, client_ctx)
+        transport.incoming.write(BAD_RECORD)  # as if the server had sent it
         transport.decrypt()  # bad record MAC: the connection is lost
         writer.write(b"too late")  # no exception here
         with pytest.raises(ssl.SSLError):
