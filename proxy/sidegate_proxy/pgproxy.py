@@ -236,7 +236,7 @@ async def open_upstream(
                                     "tls")
             reader, writer = await asyncio.wait_for(
                 tls_handshake(reader, writer, tls, server_side=False,
-                                    server_hostname=host if tls.check_hostname else None),
+                              server_hostname=host if tls.check_hostname else None),
                 settings.connect_timeout,
             )
         startup = {"user": user, "database": str(target.database), **params}
@@ -585,7 +585,6 @@ class Session:
         self._idle_handle: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._holding: asyncio.Future[Decision] | None = None  # an approval wait in progress
-        self._upstream_tls = False
         # the native lane (``_enter_lane``): while ``_lane_run`` is set, its thread has the sockets
         self._lane_run: asyncio.Future[None] | None = None
         self._lane_token = 0
@@ -836,7 +835,6 @@ class Session:
         self._loop = loop
         self._done = loop.create_future()
         self._client_tls = self.writer.get_extra_info("ssl_object") is not None
-        self._upstream_tls = up.writer.get_extra_info("ssl_object") is not None
         self._transports = (self.writer.transport, up.writer.transport)
         early = [_take_over(self.reader, self.writer.transport, _RelayProtocol(self, CLIENT)),
                  _take_over(up.reader, up.writer.transport, _RelayProtocol(self, SERVER))]
