@@ -947,10 +947,12 @@ FUZZ = settings(max_examples=int(os.environ.get("SIDEGATE_FUZZ_EXAMPLES", "40"))
                 suppress_health_check=list(HealthCheck))
 
 
-def exchange_in_lane(p: ProxyUnderTest, payload: bytes, proper_end: bool) -> bytes:
+def exchange_in_lane(p: ProxyUnderTest, payload: bytes, proper_end: bool,
+                     connect: Callable[[], Any] | None = None) -> bytes:
     """Send ``payload`` to a session in the lane (then, with ``proper_end``, Sync and Terminate)
-    and half-close: the proxy must answer what it owes and close, within seconds."""
-    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+    and half-close: the proxy must answer what it owes and close, within seconds. ``connect``:
+    a socket-like context manager (default: plain TCP to the proxy)."""
+    with (connect or (lambda: socket.create_connection(("127.0.0.1", p.port), timeout=10)))() as s:
         out = enter_lane(p, s)
         try:
             s.sendall(payload + (SYNC + frame(b"X", b"") if proper_end else b""))

@@ -11,14 +11,18 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import socket
 import ssl
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import psycopg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sidegate_proxy
 from oidc_issuer import loopback_tls
@@ -29,17 +33,25 @@ from sidegate_proxy.tls import TLSTransport
 from test_pgproxy import NO_DROP, client_backends
 from test_pgproxy_lane import (
     EMAILS,
+    FUZZ,
     NO_LANE,
     RED,
     SYNC,
+    UPSTREAM_SECRETS_NOTE,
+    AuditTrail,
+    LoopThread,
     assert_commands_counted,
     bind,
     describe,
+    enter_lane,
+    exchange_in_lane,
     execute,
+    lane_frames,
     need_lane,
     outcome,
     parse,
     read_ready,
+    read_until_ready,
     sessions_ended,
 )
 from test_pgproxy_upstream_tls import CA_REF, STAT_SSL, ca_secret
@@ -308,3 +320,109 @@ async def test_tls_trouble_while_in_the_lane(postgres: PG, tmp_path: Path, end: 
         assert await c.fetchval("SELECT 41 + 1") == 42
         await c.close()
         writer.close()
+
+
+# --------------------------------------------------------------------------- fuzzing over TLS
+
+
+class TLSClient:
+    """A blocking TLS client socket over memory BIOs, with a real half-close (close_notify, and
+    reading on): what ``exchange_in_lane`` does to a plain socket, over TLS."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(pgwire.ssl_request())
+        assert self.sock.recv(1) == b"S"
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self.incoming.write(self.sock.recv(65536))
+        self._flush()
+
+    def _flush(self) -> None:
+        if data := self.outgoing.read():
+            self.sock.sendall(data)
+
+    def sendall(self, data: bytes) -> None:
+        self.tls.write(data)
+        self._flush()
+
+    def recv(self, n: int) -> bytes:
+        while True:
+            try:
+                return self.tls.read(n)
+            except ssl.SSLWantReadError:
+                data = self.sock.recv(65536)
+                if not data:
+                    return b""  # no close_notify: the proxy just closed
+                self.incoming.write(data)
+            except ssl.SSLZeroReturnError:
+                return b""
+
+    def shutdown(self, how: int) -> None:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.unwrap()  # close_notify out; the proxy's answers may still come in
+        self._flush()
+
+    def __enter__(self) -> TLSClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def tls_lane(postgres: PG, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AuditTrail, ssl.SSLContext]]:
+    """The fuzz proxy of test_pgproxy_lane.py (masking, no-drop), serving TLS."""
+    need_lane()
+    tmp = tmp_path_factory.mktemp("lane-tls-fuzz")
+    server_ctx, client_ctx = client_tls(tmp)
+    runner = LoopThread()
+    cm = run_proxy(postgres, tmp, masking=[EMAILS], guardrails=[NO_DROP], ssl_context=server_ctx)
+    p: ProxyUnderTest = runner.run(cm.__aenter__())
+    try:
+        yield AuditTrail(p), client_ctx
+    finally:
+        runner.run(cm.__aexit__(None, None, None))
+        runner.close()
+
+
+def fuzz_over_tls(trail: AuditTrail, ctx: ssl.SSLContext, payload: bytes, proper_end: bool) -> None:
+    p = trail.p
+    slices = p.server.lane_slices
+    reply = exchange_in_lane(p, payload, proper_end, lambda: TLSClient(p.port, ctx))
+    assert p.server.lane_slices > slices
+    assert p.pg.admin_password.encode() not in reply, UPSTREAM_SECRETS_NOTE
+    assert b"@example.com" not in reply
+    assert b"XX000" not in reply, reply
+    trail.check()
+
+
+@FUZZ
+@given(lane_frames(), st.booleans())
+def test_fuzz_frames_over_tls_in_the_lane(tls_lane: tuple[AuditTrail, ssl.SSLContext], payload: bytes,
+                                          proper_end: bool) -> None:
+    fuzz_over_tls(*tls_lane, payload, proper_end)
+
+
+@FUZZ
+@given(st.binary(min_size=1, max_size=300))
+def test_fuzz_bytes_over_tls_in_the_lane(tls_lane: tuple[AuditTrail, ssl.SSLContext], payload: bytes) -> None:
+    fuzz_over_tls(*tls_lane, payload, False)
+
+
+def test_still_serving_tls_after_fuzzing(tls_lane: tuple[AuditTrail, ssl.SSLContext]) -> None:
+    trail, ctx = tls_lane
+    p = trail.p
+    with TLSClient(p.port, ctx) as s:
+        enter_lane(p, s)  # type: ignore[arg-type]
+        s.sendall(bind(b"lane_mail", [b"1"]) + execute() + bind(b"lane_ids", [b"7"]) + execute() + SYNC)
+        reply = read_until_ready(s, "after fuzzing")  # type: ignore[arg-type]
+        assert RED.encode() in reply and b"customer1@" not in reply
+        assert b"C\0\0\0\rSELECT 1\0" in reply
+    trail.check()

@@ -127,7 +127,7 @@ async def test_raw_ciphertext_keeps_its_place(tmp_path: Path) -> None:
     assert errors == []
 
 
-@pytest.mark.parametrize("how", ["close_notify", "ragged"])
+@pytest.mark.parametrize("how", ["close_notify", "close_notify_alone", "ragged"])
 async def test_both_kinds_of_end_read_as_eof(tmp_path: Path, how: str) -> None:
     server_ctx, client_ctx, _ca = loopback_tls(str(tmp_path))
     ended: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -142,6 +142,10 @@ async def test_both_kinds_of_end_read_as_eof(tmp_path: Path, how: str) -> None:
         await writer.drain()
         if how == "close_notify":
             writer.close()
+        elif how == "close_notify_alone":  # a TLS half-close: the TCP connection stays open
+            with contextlib.suppress(ssl.SSLWantReadError):
+                transport.ssl_object.unwrap()
+            transport.write_raw(transport.outgoing.read())
         else:  # PostgreSQL's clients: Terminate, then the socket just closes
             transport.raw.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
             transport.abort()

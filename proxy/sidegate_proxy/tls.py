@@ -94,13 +94,14 @@ class TLSTransport(asyncio.Transport):
         try:
             while self.incoming.pending or self.ssl_object.pending():
                 chunk = self.ssl_object.read(READ_SIZE)
-                if not chunk:
+                if not chunk:  # close_notify (CPython returns b"" for it)
+                    eof = True
                     break
                 chunks.append(chunk)
         except ssl.SSLWantReadError:
             pass  # the rest of a record is still on its way
         except ssl.SSLZeroReturnError:
-            eof = True  # close_notify
+            eof = True  # close_notify, as older versions report it
         except ssl.SSLError as bad:
             self._error = bad
         finally:
