@@ -24,6 +24,7 @@ import yaml
 from sidegate_proxy.config import (
     DEFAULT_SIGNING_KEY,
     GROUP,
+    LISTEN_TLS_KEYS,
     ConfigError,
     Connection,
     SecretKeyRef,
@@ -256,6 +257,8 @@ def _secret_refs(conn: Connection) -> Iterator[tuple[str, SecretKeyRef, tuple[st
     tls_ref = conn.target.tls.ca_secret_ref
     if tls_ref is not None:
         yield "spec.target.tls.caSecretRef", tls_ref, (tls_ref.key or "ca.crt",)
+    if conn.listen_tls is not None:
+        yield "spec.listen.tls.secretRef", conn.listen_tls.secret_ref, LISTEN_TLS_KEYS
     for i, issuer in enumerate(conn.identity.issuers):
         if issuer.jwks_secret_ref is not None:
             ref = issuer.jwks_secret_ref

@@ -67,6 +67,19 @@ class TLSConfig:
     ca_secret_ref: SecretKeyRef | None = None
 
 
+LISTEN_TLS_KEYS = ("tls.crt", "tls.key")  # a kubernetes.io/tls Secret's keys
+
+
+@dataclass(frozen=True)
+class ListenTLS:
+    """``spec.listen.tls``: TLS for callers, with the certificate of a kubernetes.io/tls Secret
+    (``tls.crt``, ``tls.key``; followed when it is renewed). ``required``: a PostgreSQL caller
+    that does not ask for TLS is refused (an HTTP listener with TLS speaks nothing else)."""
+
+    secret_ref: SecretKeyRef
+    required: bool = True
+
+
 @dataclass(frozen=True)
 class Target:
     host: str | None = None
@@ -194,6 +207,7 @@ class Connection:
     mode: Literal["sidecar", "gateway"] = "sidecar"
     replicas: int = 2
     listen_port: int = 15432
+    listen_tls: ListenTLS | None = None
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     access: tuple[SubjectMatch, ...] = ()
     guardrails: tuple[Guardrail, ...] = ()
@@ -469,6 +483,13 @@ def parse_connection(obj: Mapping[str, Any]) -> Connection:
 
     listen = _map(spec.get("listen"), "spec.listen")
     default_port = 15432 if ctype == "postgres" else 18080
+    listen_tls = None
+    if listen.get("tls") is not None:
+        ltm = _map(listen.get("tls"), "spec.listen.tls")
+        tls_secret = _secret_ref(ltm.get("secretRef"), "spec.listen.tls.secretRef")
+        if tls_secret is None:
+            raise ConfigError("spec.listen.tls.secretRef", "required: a kubernetes.io/tls Secret (tls.crt, tls.key)")
+        listen_tls = ListenTLS(tls_secret, _bool(ltm, "required", "spec.listen.tls", True))
     return Connection(
         name=name,
         namespace=namespace,
@@ -479,6 +500,7 @@ def parse_connection(obj: Mapping[str, Any]) -> Connection:
         replicas=_range(_int(spec, "replicas", "spec", 2), "spec.replicas", 0, 100) or 0,
         listen_port=_range(_int(listen, "port", "spec.listen", default_port), "spec.listen.port", 1, 65535)
         or default_port,
+        listen_tls=listen_tls,
         identity=identity,
         access=access,
         guardrails=guardrails,

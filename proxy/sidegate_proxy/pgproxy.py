@@ -706,6 +706,9 @@ class Session:
                     elif isinstance(msg, StartupMessage):
                         startup, queued = msg, msgs
                         break
+            if self.server.tls_required and self.writer.get_extra_info("ssl_object") is None:
+                await self._refuse_plaintext(startup)
+                return False
             if len(queued) > 1 or (queued and not isinstance(queued[0], PasswordMessage)):
                 raise ProtocolError("messages received before authentication")
             self._early = queued  # a client may pipeline its password: it is read when asked for
@@ -805,6 +808,18 @@ class Session:
                 return msgs[0].password()
             except ProtocolError:
                 raise AuthError("malformed password message") from None
+
+    async def _refuse_plaintext(self, startup: StartupMessage) -> None:
+        """``spec.listen.tls.required``: a caller that did not ask for TLS is refused before it
+        sends its token (audited: a client is sending credentials in the clear)."""
+        self.params = startup.params
+        with contextlib.suppress(Exception):
+            await self.server.audit.emit(session_start(
+                session_id=self.id, connection=self.connection.ref, connection_type=PROTOCOL, caller=None,
+                decision=Decision("block", "tls-required", "the caller did not ask for TLS"), client=self.client,
+                target=self._target(), database=self.connection.target.database,
+            ))
+        self._fatal("28000", "sidegate: this gateway accepts TLS connections only (sslmode=require or stricter)")
 
     async def _refuse(self, caller: Caller | None, decision: Decision, user: str) -> None:
         """No upstream connection is ever opened for a refused caller."""
@@ -1798,12 +1813,14 @@ class ProxyServer:
         workload: WorkloadIdentity | None = None,
         settings: ProxySettings | None = None,
         on_approval_required: ApprovalHook | None = None,
+        tls_required: bool = False,
     ) -> None:
         self.secrets = secrets
         self.audit = audit_log
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
+        self.tls_required = tls_required and ssl_context is not None  # refuse callers without TLS
         self.metrics = metrics
         self.settings = settings or ProxySettings()
         self.on_approval_required = on_approval_required

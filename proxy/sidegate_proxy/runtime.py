@@ -37,6 +37,7 @@ from .masking import MaskingEngine
 from .metrics import Metrics
 from .policy import Caller, check_access
 from .secrets import SecretMissing, SecretStore
+from .servercert import ServerCertificate, server_context
 from .sinks import Sink, sinks_from_config
 from .tokenexchange import ISSUER_NAME, KeyLoader, TokenIssuer, TokenKeys, token_exchange_routes
 
@@ -63,8 +64,9 @@ class RuntimeOptions:
     native_lane: bool = True  # relay PostgreSQL sessions' steady state natively (--no-native-lane)
     chain_key: bytes | None = None
     masking_key: bytes | None = None
-    tls_cert: str | None = None
+    tls_cert: str | None = None  # files, instead of the Connection's spec.listen.tls Secret
     tls_key: str | None = None
+    watch_interval: float = 2.0  # seconds between looks at mounted files that may change (certificates)
     token_signing_key: bytes | None = None  # one fixed key; a followed one is passed as TokenKeys
     token_issuer_url: str | None = None
     workload_token_path: str = DEFAULT_TOKEN_PATH
@@ -96,8 +98,7 @@ def default_masking_key(config: ProxyConfig, secrets: SecretStore) -> bytes:
 def server_ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     if not cert:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx = server_context()
     ctx.load_cert_chain(cert, key)
     return ctx
 
@@ -160,6 +161,8 @@ class ProxyRuntime:
         self._spool_tmp: tempfile.TemporaryDirectory[str] | None = None
         self.port: int | None = None
         self.admin_port: int | None = None
+        self.certificate: ServerCertificate | None = None  # spec.listen.tls, followed by watch_certificate
+        self._watches: list[asyncio.Task[None]] = []
 
     @property
     def config(self) -> ProxyConfig:
@@ -206,7 +209,7 @@ class ProxyRuntime:
 
         host = opts.listen_host or ("127.0.0.1" if conn.mode == "sidecar" else "0.0.0.0")
         port = conn.listen_port if opts.listen_port is None else opts.listen_port
-        tls = server_ssl_context(opts.tls_cert, opts.tls_key)
+        tls = self._listener_tls()
         c = self.components
         if conn.type == "postgres":
             from .pgproxy import ProxyServer, ProxySettings
@@ -217,6 +220,7 @@ class ProxyRuntime:
                 ssl_context=tls, metrics=self.metrics, workload=c.workload,
                 on_approval_required=pg_approval_hook(self.approvals) if self.approvals else None,
                 settings=ProxySettings(lane=opts.native_lane),
+                tls_required=tls is not None and conn.listen_tls is not None and conn.listen_tls.required,
             )
             await server.start()
             self._server = server
@@ -239,6 +243,18 @@ class ProxyRuntime:
         lane = ("on" if opts.native_lane else "off (--no-native-lane)") if LANE is not None else "not built"
         log.info("sidegate proxy for %s (%s) listening on %s:%s; data plane: %s; native lane: %s", conn.ref,
                  conn.type, host, self.port, NATIVE.reason, lane)
+
+    def _listener_tls(self) -> ssl.SSLContext | None:
+        """TLS for callers: ``--tls-cert`` files when given, else the Connection's
+        ``spec.listen.tls`` Secret (renewals followed), else none."""
+        opts, conn = self.options, self.config.connection
+        if opts.tls_cert:
+            return server_ssl_context(opts.tls_cert, opts.tls_key)
+        if conn.listen_tls is None:
+            return None
+        self.certificate = ServerCertificate(self.secrets, conn.listen_tls.secret_ref)
+        self._watches.append(asyncio.create_task(watch_certificate(self.certificate, self.options.watch_interval)))
+        return self.certificate.context
 
     async def _serve(self, app: web.Application, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         runner = web.AppRunner(app, access_log=None)
@@ -299,6 +315,8 @@ class ProxyRuntime:
         log.info("config reloaded: %s -> %s", old.config.hash, config.hash)
 
     async def close(self) -> None:
+        for watch in self._watches:
+            watch.cancel()
         server = self._server
         if server is not None and hasattr(server, "close"):
             await server.close()
@@ -454,6 +472,20 @@ async def watch_config(path: Path, runtime: ProxyRuntime, load: Callable[[Path],
         await runtime.reload(load(path))
 
     await poll(f"config {path}", lambda: _stamp(path), reload, interval)
+
+
+async def watch_certificate(certificate: ServerCertificate, interval: float = 2.0) -> None:
+    """Follow the listener's mounted certificate (compared by content): a renewal needs no restart."""
+    async def reload() -> None:
+        certificate.reload()
+
+    def stamp() -> Hashable:
+        try:
+            return certificate.snapshot()
+        except SecretMissing:
+            return None  # mid-update or gone: what is loaded keeps serving
+
+    await poll(f"listener certificate (Secret {certificate.ref.name})", stamp, reload, interval)
 
 
 async def watch_token_keys(keys: TokenKeys, interval: float = 2.0) -> None:
