@@ -594,6 +594,29 @@ async def test_token_signing_key_degrades_until_its_secret_appears(kube: Kube, n
     assert "PRIVATE KEY" not in json.dumps(config_doc(config))
 
 
+async def test_listener_certificate_degrades_until_its_secret_appears(kube: Kube, ns: str) -> None:
+    """``spec.listen.tls``: the API server defaults ``required``; the operator waits for the
+    kubernetes.io/tls Secret, then mounts it into the gateway."""
+    await kube.apply(credentials(ns, "vault-admin"))
+    await kube.apply(connection(ns, "vault", listen={"port": 5432, "tls": {"secretRef": {"name": "vault-tls"}}}))
+    conn = await wait_ready(kube, ns, "vault", reason="SecretMissing", status="False")
+    assert conn["spec"]["listen"]["tls"]["required"] is True  # the CRD's default
+    assert f"Secret {ns}/vault-tls not found (spec.listen.tls.secretRef)" in ready(conn)["message"]  # type: ignore[index]
+    assert await kube.get(resource_path("apps/v1", "Deployment", ns, "vault-sidegate")) is None
+
+    pem = {"tls.crt": "-----BEGIN CERTIFICATE-----\n", "tls.key": "-----BEGIN PRIVATE KEY-----\n"}
+    await kube.apply({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                      "metadata": {"name": "vault-tls", "namespace": ns}, "stringData": pem})
+    await wait_ready(kube, ns, "vault")
+    dep = await kube.get(resource_path("apps/v1", "Deployment", ns, "vault-sidegate"))
+    assert dep is not None
+    pod_spec = dep["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/var/run/sidegate/secrets/vault-tls")
+    assert mount["readOnly"] is True
+    assert next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])["secret"]["secretName"] == "vault-tls"
+
+
 async def test_verification_keys_are_checked_and_reach_the_gateway(kube: Kube, ns: str) -> None:
     for exchange in ({"signingKeySecretRef": {"name": "vk-exchange"}, "verificationKeys": ["tls.key"]},
                      {"signingKeySecretRef": {"name": "vk-exchange", "key": "a.pem"}, "verificationKeys": ["a.pem"]}):
