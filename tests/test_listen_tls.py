@@ -255,3 +255,23 @@ async def test_http_listener_serves_tls_from_the_secret(tmp_path: Path) -> None:
     finally:
         await runtime.close()
         await runner.cleanup()
+
+
+def test_certificates_load_without_a_writable_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy's root filesystem is read-only and a sidecar has no /tmp: nothing is written."""
+    import tempfile
+
+    from sidegate_proxy.servercert import load_pair
+
+    _s, _c, _ca = loopback_tls(str(tmp_path))
+    cert, key = (tmp_path / "tls.crt").read_bytes(), (tmp_path / "tls.key").read_bytes()
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    ctx = load_pair(cert, key)
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLError):
+        load_pair(cert, (tmp_path / "tls.crt").read_bytes())  # not a key

@@ -9,10 +9,12 @@ once it loaded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import ssl
 import tempfile
+from collections.abc import Iterator
 
 from .config import LISTEN_TLS_KEYS, SecretKeyRef
 from .secrets import SecretStore
@@ -28,18 +30,34 @@ def server_context() -> ssl.SSLContext:
 
 def load_pair(cert: bytes, key: bytes) -> ssl.SSLContext:
     """A server context with this PEM chain and key (``ssl.SSLError`` when they do not load or
-    match). OpenSSL reads them from files: a private directory, removed at once."""
+    match). OpenSSL reads them from files: anonymous in-memory ones (``memfd``), since the proxy's
+    root filesystem is read-only and a sidecar has no writable /tmp."""
     ctx = server_context()
-    with tempfile.TemporaryDirectory(prefix="sidegate-tls-") as folder:
-        paths = []
-        for name, data in zip(LISTEN_TLS_KEYS, (cert, key), strict=True):
-            path = os.path.join(folder, name)
+    with _in_memory(cert) as cert_path, _in_memory(key) as key_path:
+        ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+@contextlib.contextmanager
+def _in_memory(data: bytes) -> Iterator[str]:
+    """A path to ``data`` that lives in memory only (a private temporary file where Linux's
+    memfd is missing)."""
+    if not hasattr(os, "memfd_create"):
+        with tempfile.TemporaryDirectory(prefix="sidegate-tls-") as folder:
+            path = os.path.join(folder, "pem")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            paths.append(path)
-        ctx.load_cert_chain(paths[0], paths[1])
-    return ctx
+            yield path
+        return
+    fd = os.memfd_create("sidegate-tls", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 class ServerCertificate:
