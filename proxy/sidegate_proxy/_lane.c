@@ -13,7 +13,7 @@
  *
  * Loop(): the thread. fileno() is readable when drain() has something:
  * adopt(token, client_fd, server_fd, client_bytes, server_bytes, statements, shapes, inject,
- *       max_message, seconds[, client_tls, server_tls])
+ *       max_message, seconds[, client_tls, server_tls, filters])
  *   statements: tuple of statement names (bytes) Python allows; a Bind names one by index.
  *   shapes: tuple of RowDescription frames (bytes) whose rows pass unchanged, or None for
  *   "every result passes" (the caller has no masking at all).
@@ -22,16 +22,19 @@
  *   seconds: how long the shapes hold (then the session goes back to Python).
  *   client_tls, server_tls (optional): a TLS side's ``ssl.SSLObject._sslobj``, or None for plain
  *   TCP: the lane reads and writes that side through it (_tls.c); tls_ready() says whether it can.
+ *   filters (with shapes): one bytes per shape, empty when its rows pass unchanged, else the check
+ *   each DataRow must pass to be relayed (row_clean: the detectors' necessary conditions).
  * recall(token): send a session back to Python now, with what is in flight.
  * drain() -> (records, done):
  *   records: (token, statement index, wall time, seconds, rows or None, sqlstate or None), one
  *   per Execute the lane saw answered, in order;
  *   done: (token, (stop, client_rest, server_rest, to_client, to_server, pending, bound,
- *   last_client)) of sessions handed back: the bytes not relayed each way, those not yet written
+ *   last_client, shape)) of sessions handed back: the bytes not relayed each way, those not yet written
  *   each way (on a TLS side: ciphertext, to be written raw ahead of anything else), requests in
  *   flight as (kind, statement index, bind serial, started), the unnamed portal's last Bind here
- *   as (bind serial, statement index) or None, and when the client last sent anything
- *   (CLOCK_MONOTONIC seconds; 0.0: nothing).
+ *   as (bind serial, statement index) or None, when the client last sent anything
+ *   (CLOCK_MONOTONIC seconds; 0.0: nothing), and the current result's shape (index; -1: none),
+ *   whose plan Python applies to the rest of that result.
  * drain_sealed(sealer, chain, shapes, bounds): drain(), with the records sealed onto the audit
  *   chain in C first (_seal.c), as far as they have a shape: shapes[token] = (statement shapes,
  *   query shapes). Returns (lines, sealed, counts per token, latency buckets or None, the
@@ -117,6 +120,8 @@ struct Lane {
     Table statements; /* names of the prepared statements Python allows */
     Table queries;    /* literal keys (see literal_key) of simple queries Python allows */
     Table shapes;     /* RowDescriptions with nothing to mask; n -1: every result passes */
+    Table filters;    /* per shape: empty, or the rows' check (row_clean) when detectors scan it */
+    int shape;        /* the current result's shape (index in shapes, from its RowDescription); -1 */
     Buf key;
     int inject;
     long max_message;
@@ -686,10 +691,65 @@ static void from_client(Lane *lane) {
     }
 }
 
-static int shape_passes(const Lane *lane, const char *frame, size_t size) {
+/* Whether a result's RowDescription passes; it becomes the current shape (for row_clean). */
+static int shape_passes(Lane *lane, const char *frame, size_t size) {
     if (lane->shapes.n < 0)
         return row_description_ok(frame + 5, size - 5);
-    return table_find(&lane->shapes, frame, size) >= 0;
+    lane->shape = table_find(&lane->shapes, frame, size);
+    return lane->shape >= 0;
+}
+
+/* A DataRow of a result whose shape the detectors scan: whether none of its scanned values can
+ * hold a finding, by the detectors' necessary conditions Python handed over (masking.py,
+ * ColumnPlan.lane_filter): fewer ASCII digits than the fewest any detector needs, and none of
+ * their substrings. Anything else, malformed input included, is Python's to scan. */
+static int row_clean(const Lane *lane, const char *body, size_t n) {
+    if (lane->shape < 0 || lane->shape >= lane->filters.n)
+        return 0;
+    const unsigned char *f = (const unsigned char *)lane->filters.items[lane->shape];
+    size_t flen = lane->filters.lens[lane->shape];
+    if (flen == 0)
+        return 1; /* nothing to check: the shape has nothing to mask */
+    if (flen < 4)
+        return 0;
+    size_t ncols = ((size_t)f[0] << 8) | f[1];
+    if (flen < 2 + ncols + 2 || n < 2 || (size_t)be16(body) != ncols)
+        return 0;
+    const unsigned char *flags = f + 2;
+    unsigned digits_needed = f[2 + ncols];
+    size_t nsubs = f[3 + ncols];
+    const unsigned char *subs = f + 4 + ncols, *subs_end = f + flen;
+    size_t pos = 2;
+    for (size_t col = 0; col < ncols; col++) {
+        if (n - pos < 4)
+            return 0;
+        int32_t len = (int32_t)be32(body + pos);
+        pos += 4;
+        if (len < 0)
+            continue; /* NULL */
+        if ((size_t)len > n - pos)
+            return 0;
+        const char *v = body + pos;
+        pos += (size_t)len;
+        if (!flags[col])
+            continue;
+        if (digits_needed) {
+            unsigned digits = 0;
+            for (int32_t i = 0; i < len && digits < digits_needed; i++)
+                digits += v[i] >= '0' && v[i] <= '9';
+            if (digits >= digits_needed)
+                return 0;
+        }
+        const unsigned char *sub = subs;
+        for (size_t k = 0; k < nsubs; k++) {
+            if (sub >= subs_end || (size_t)(subs_end - sub - 1) < sub[0])
+                return 0;
+            if (sub[0] == 0 || memmem(v, (size_t)len, sub + 1, sub[0]) != NULL)
+                return 0;
+            sub += 1 + sub[0];
+        }
+    }
+    return pos == n;
 }
 
 /* Server messages answering the lane's requests; the first one Python must see stops the lane. */
@@ -715,8 +775,8 @@ static void from_server(Lane *lane) {
         int kind = p ? p->kind : 0;
         int forward = 1, ok = 1;
         switch (type) {
-        case 'D': /* DataRow: relayed as it came (its result shape passed) */
-            ok = kind == K_EXECUTE || kind == K_QUERY;
+        case 'D': /* DataRow: relayed as it came (its result shape passed, its values checked) */
+            ok = (kind == K_EXECUTE || kind == K_QUERY) && (lane->shapes.n < 0 || row_clean(lane, body, n));
             break;
         case '2':
             ok = kind == K_BIND && n == 0;
@@ -1285,8 +1345,8 @@ static PyObject *done_tuple(Lane *lane, PyObject *records) {
     PyObject *sout = buf_bytes(lane->tls[SERVER] ? &lane->wire[SERVER] : &lane->sout);
     PyObject *result = NULL;
     if (bound && cin && sin && cout && sout)
-        result = Py_BuildValue("(l(iOOOOOOd))", lane->token, lane->stop, cin, sin, cout, sout, pending, bound,
-                               lane->last_client);
+        result = Py_BuildValue("(l(iOOOOOOdi))", lane->token, lane->stop, cin, sin, cout, sout, pending, bound,
+                               lane->last_client, lane->shape);
     Py_XDECREF(bound);
     Py_XDECREF(cin);
     Py_XDECREF(sin);
@@ -1341,11 +1401,11 @@ static PyObject *loop_adopt(LoopObject *L, PyObject *args) {
     long token, max_message;
     int client_fd, server_fd, inject;
     Py_buffer client_bytes, server_bytes;
-    PyObject *statements, *queries, *shapes, *tls_owner[2] = {Py_None, Py_None};
+    PyObject *statements, *queries, *shapes, *tls_owner[2] = {Py_None, Py_None}, *filters = Py_None;
     double seconds;
-    if (!PyArg_ParseTuple(args, "liiy*y*O!O!Opld|OO", &token, &client_fd, &server_fd, &client_bytes, &server_bytes,
+    if (!PyArg_ParseTuple(args, "liiy*y*O!O!Opld|OOO", &token, &client_fd, &server_fd, &client_bytes, &server_bytes,
                           &PyTuple_Type, &statements, &PyTuple_Type, &queries, &shapes, &inject, &max_message,
-                          &seconds, &tls_owner[CLIENT], &tls_owner[SERVER]))
+                          &seconds, &tls_owner[CLIENT], &tls_owner[SERVER], &filters))
         return NULL;
     Lane *lane = NULL;
     PyObject *result = NULL;
@@ -1357,11 +1417,17 @@ static PyObject *loop_adopt(LoopObject *L, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "shapes must be a tuple of bytes or None");
         goto done;
     }
+    if (shapes != Py_None
+        && (!PyTuple_Check(filters) || PyTuple_GET_SIZE(filters) != PyTuple_GET_SIZE(shapes))) {
+        PyErr_SetString(PyExc_TypeError, "filters must be a tuple of bytes, one per shape");
+        goto done;
+    }
     if (!all_bytes(statements, "statements") || !all_bytes(queries, "queries")
-        || (shapes != Py_None && !all_bytes(shapes, "shapes")))
+        || (shapes != Py_None && (!all_bytes(shapes, "shapes") || !all_bytes(filters, "filters"))))
         goto done;
     lane = calloc(1, sizeof(Lane));
-    size_t size = tuple_size(statements) + tuple_size(queries) + (shapes != Py_None ? tuple_size(shapes) : 0);
+    size_t size = tuple_size(statements) + tuple_size(queries)
+                  + (shapes != Py_None ? tuple_size(shapes) + tuple_size(filters) : 0);
     size_t used = 0;
     if (!lane || !(lane->blob = malloc(size ? size : 1))) {
         PyErr_NoMemory();
@@ -1370,8 +1436,11 @@ static PyObject *loop_adopt(LoopObject *L, PyObject *args) {
     copy_bytes_tuple(statements, lane->blob, &used, &lane->statements);
     copy_bytes_tuple(queries, lane->blob, &used, &lane->queries);
     lane->shapes.n = -1;
-    if (shapes != Py_None)
+    lane->shape = -1;
+    if (shapes != Py_None) {
         copy_bytes_tuple(shapes, lane->blob, &used, &lane->shapes);
+        copy_bytes_tuple(filters, lane->blob, &used, &lane->filters);
+    }
     if (buf_append(&lane->cin, client_bytes.buf, (size_t)client_bytes.len) < 0
         || buf_append(&lane->sin, server_bytes.buf, (size_t)server_bytes.len) < 0) {
         PyErr_NoMemory();

@@ -19,8 +19,9 @@ STOP_NO_MEMORY: int
 Record = tuple[int, int, float, float, int | None, str | None, bytes | None]
 # kind, statement (or query shape) index, bind serial, started (monotonic), query string, answered
 InFlight = tuple[int, int, int, float, bytes | None, int]
-# stop, client_rest, server_rest, to_client, to_server, in flight, bound, last_client
-HandedBack = tuple[int, bytes, bytes, bytes, bytes, list[InFlight], tuple[int, int] | None, float]
+# stop, client_rest, server_rest, to_client, to_server, in flight, bound, last_client, the current
+# result's shape (index in the shapes adopted; -1: none)
+HandedBack = tuple[int, bytes, bytes, bytes, bytes, list[InFlight], tuple[int, int] | None, float, int]
 
 SEAL_TIME: int
 SEAL_TIME_DT: int
@@ -56,7 +57,8 @@ class Loop:
     def adopt(
         self, token: int, client_fd: int, server_fd: int, client_bytes: bytes, server_bytes: bytes,
         statements: tuple[bytes, ...], queries: tuple[bytes, ...], shapes: tuple[bytes, ...] | None, inject: bool,
-        max_message: int, seconds: float, client_tls: object = None, server_tls: object = None, /,
+        max_message: int, seconds: float, client_tls: object = None, server_tls: object = None,
+        filters: tuple[bytes, ...] | None = None, /,
     ) -> None: ...
     def recall(self, token: int, /) -> None: ...
     def drain(self) -> tuple[list[Record], list[tuple[int, HandedBack]]]: ...

@@ -168,6 +168,23 @@ _PREFILTERS: dict[str, _Prefilter] = {
     "private-key": lambda data, digits: b"PRIVATE KEY-----" in data,
 }
 
+# What the native lane (``_lane.c``) checks of a value before it relays a row unscanned: for each
+# detector (fewest ASCII digits, substrings), met by every text its prefilter admits, so a value
+# that meets none of its rule set's conditions cannot match (tests/test_detectors.py checks the
+# implication). Coarser than the prefilters (IBAN and IPv4 need only 4 digits here): a value the
+# lane is unsure of goes to Python, which scans it.
+LANE_CONDITIONS: dict[str, tuple[int, tuple[bytes, ...]]] = {
+    "email": (0, (b"@",)),
+    "credit-card": (13, ()),
+    "us-ssn": (9, ()),
+    "phone": (7, ()),
+    "iban": (4, ()),
+    "ipv4": (4, ()),
+    "aws-access-key": (0, _AWS_PREFIXES),
+    "jwt": (0, (b"eyJ",)),
+    "private-key": (0, (b"PRIVATE KEY-----",)),
+}  # 0 digits: no digit condition
+
 _VALIDATORS: dict[str, _Validator] = {
     "credit-card": _card,
     "iban": _iban,
@@ -182,7 +199,7 @@ _VALIDATORS: dict[str, _Validator] = {
 # tests/test_detectors.py, so a new detector cannot slip past it.
 DIGITS_ONLY_MIN: dict[str, int] = {"credit-card": 13}
 
-assert set(DETECTOR_PATTERNS) == set(DETECTORS) == set(_PREFILTERS)
+assert set(DETECTOR_PATTERNS) == set(DETECTORS) == set(_PREFILTERS) == set(LANE_CONDITIONS)
 
 
 _INTEGER_CHARS = "-0123456789"
@@ -191,19 +208,43 @@ re_parser: Any = importlib.import_module("re._parser")
 re_constants: Any = importlib.import_module("re._constants")
 
 
-def _needs_non_integer_char(pattern: str) -> bool:
-    """True when every match of a custom pattern holds a character no integer's text has (a
-    letter, '@', ...), so int2/int4 columns need not be scanned for it. Conservative: False for
-    whatever the analysis does not follow (and for syntax Python's parser does not know)."""
+def _parse(pattern: str) -> Any | None:
+    """Python's parse tree of a custom pattern, or None where it may read the pattern otherwise
+    than RE2 does (an RE2 POSIX class ``[[:digit:]]`` is a set of characters to Python) or cannot
+    read it (RE2-only syntax: ``\\pN``, ``\\Q...\\E``, ``\\z``)."""
     if "[:" in pattern:
-        return False  # an RE2 POSIX class ([[:digit:]]) that Python would read as a set of characters
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "possible nested set" and the like
-            parsed = re_parser.parse(pattern)
+            return re_parser.parse(pattern)
     except Exception:
-        return False  # RE2-only syntax (\pN, \Q...\E, \z): unknown, so it may match
-    return _seq_needs(list(parsed))
+        return None
+
+
+def _needs_non_integer_char(pattern: str) -> bool:
+    """True when every match of a custom pattern holds a character no integer's text has (a
+    letter, '@', ...), so int2/int4 columns need not be scanned for it. Conservative: False for
+    whatever the analysis does not follow."""
+    parsed = _parse(pattern)
+    return parsed is not None and _seq_needs(list(parsed))
+
+
+def _required_literal(pattern: str) -> bytes | None:
+    """The text every match of a custom pattern starts with (past zero-width anchors), as UTF-8,
+    at most 255 bytes: what the native lane looks for in a value before it lets the value through
+    unscanned. None when the analysis is not sure of one (a flag, or a group, class or repeat
+    first)."""
+    parsed = _parse(pattern)
+    if parsed is None or parsed.state.flags & ~re_constants.SRE_FLAG_UNICODE:
+        return None
+    literal: list[str] = []
+    for op, arg in parsed:
+        if op is re_constants.LITERAL:
+            literal.append(chr(arg))
+        elif op is not re_constants.AT or literal:
+            break
+    return "".join(literal).encode()[:255] or None
 
 
 def _seq_needs(items: list[Any]) -> bool:
@@ -400,6 +441,27 @@ class Scanner:
     @property
     def empty(self) -> bool:
         return not self._alts and not self._fallback
+
+    def lane_conditions(self) -> tuple[int, tuple[bytes, ...]] | None:
+        """(fewest digits, substrings; 0: no digit condition) such that a value meeting none of
+        them holds no finding (``LANE_CONDITIONS``; a custom pattern's leading literal); None
+        when a custom pattern has no literal the analysis is sure of."""
+        if self._fallback:
+            return None
+        digits: list[int] = []
+        subs: dict[bytes, None] = {}
+        for a in self._alts:
+            if a.detector == CUSTOM:
+                literal = _required_literal(a.pattern.decode())
+                if literal is None:
+                    return None
+                subs[literal] = None
+            else:
+                fewest, needed = LANE_CONDITIONS[a.detector]
+                if fewest:
+                    digits.append(fewest)
+                subs.update(dict.fromkeys(needed))
+        return (min(digits, default=0), tuple(subs)) if len(subs) <= 255 else None
 
     def matches_integers(self, digits: int) -> bool:
         """Whether an integer of at most ``digits`` digits, printed as text, can hold a finding:

@@ -310,11 +310,31 @@ class ColumnPlan:
                 actions.append((i, action))
         self._actions = tuple(actions)
         self._scanned = tuple(scanned)
+        self._lane_filter: bytes | None = None
+        self._lane_filter_known = False
 
     @property
     def active(self) -> bool:
         """False: every value passes unchanged, the proxy may forward DataRows as they are."""
         return bool(self._actions or self._scanned)
+
+    def lane_filter(self) -> bytes | None:
+        """What the native lane needs to relay this result's rows itself, checking each one:
+        the columns the detectors scan and their conditions (``Scanner.lane_conditions``), as
+        ``!H`` column count, a flag byte per column, the fewest digits, the substring count, then
+        each substring after its length byte. None when a row needs Python whatever its values
+        (a column rule or other action, a custom pattern)."""
+        if not self._lane_filter_known:
+            self._lane_filter_known = True
+            conditions = self._masker._scanner.lane_conditions() if self._scanned and not self._actions else None
+            if conditions is not None:
+                digits, subs = conditions
+                flags = bytearray(len(self.columns))
+                for i, _typed in self._scanned:
+                    flags[i] = 1
+                self._lane_filter = (struct.pack("!H", len(flags)) + bytes(flags)
+                                     + bytes((digits, len(subs))) + b"".join(bytes((len(x),)) + x for x in subs))
+        return self._lane_filter
 
     def with_formats(self, formats: Sequence[int]) -> ColumnPlan:
         """The same plan for Bind's result format codes (none: all text; one: for all; or each)."""

@@ -589,6 +589,7 @@ class Session:
         self._lane_run: asyncio.Future[None] | None = None
         self._lane_token = 0
         self._lane_chosen: list[_Statement] = []
+        self._lane_result_shapes: tuple[bytes, ...] = ()  # the shapes handed to the lane, by its index
         # simple queries the guardrails allowed outright (one SELECT each), by the lane's literal
         # key of their text: the decision every query of that shape gets
         self._lane_queries: dict[bytes, Decision] = {}
@@ -1066,18 +1067,25 @@ class Session:
         if not chosen and not self._lane_queries:
             return
         shapes: tuple[bytes, ...] | None = None
+        filters: tuple[bytes, ...] | None = None
         seconds = float("inf")
         if self.masker is not None:
             catalog = self.policy.catalog
             if catalog is None:
                 return  # no plan is cached without one: every result needs Python
             now, epoch = catalog.clock(), catalog.epoch
-            valid = [(raw, until) for raw, (plan, made, until) in self._plans.items()
-                     if plan is None and made == epoch and now < until]
+            # a shape with nothing to mask, or whose rows the lane can check for what the
+            # detectors need (ColumnPlan.lane_filter): a row it is unsure of comes back here
+            valid: list[tuple[bytes, float, bytes]] = []
+            for raw, (plan, made, until) in self._plans.items():
+                check = b"" if plan is None else plan.lane_filter()
+                if check is not None and made == epoch and now < until:
+                    valid.append((raw, until, check))
             if not valid:
                 return
-            shapes = tuple(raw for raw, _ in valid)
-            seconds = min(LANE_RECHECK, *(until - now for _, until in valid))
+            shapes = tuple(raw for raw, _, _ in valid)
+            filters = tuple(check for _, _, check in valid)
+            seconds = min(LANE_RECHECK, *(until - now for _, until, _ in valid))
         lane, token = self.server._lane_adopt(self)
         for side in (CLIENT, SERVER):
             self._blocks[side].add("lane")
@@ -1087,13 +1095,14 @@ class Session:
                        transports[SERVER].get_extra_info("socket").fileno(), self.fparser.take_pending(),
                        self.upstream.parser.take_pending(), tuple(names), tuple(self._lane_queries), shapes,
                        self.masker is not None,
-                       self.server.settings.max_message, seconds, tls[CLIENT], tls[SERVER])
+                       self.server.settings.max_message, seconds, tls[CLIENT], tls[SERVER], filters)
         except Exception as exc:
             self.server._in_lane.pop(token, None)
             self._end(exc)
             return
         self._lane_token = token
         self._lane_chosen = chosen
+        self._lane_result_shapes = shapes or ()
         self._lane_query_decisions = list(self._lane_queries.values())
         self._lane_records = 0
         self._lane_run = self._loop.create_future()
@@ -1144,7 +1153,7 @@ class Session:
 
     def _lane_done(self, stop: int, client_rest: bytes, server_rest: bytes, to_client: bytes, to_server: bytes,
                    in_flight: list[tuple[int, int, int, float, bytes | None, int]], bound: tuple[int, int] | None,
-                   last_client: float) -> None:
+                   last_client: float, shape: int) -> None:
         """Back from the lane: take over what it left in flight, and carry on with the bytes it
         did not relay as if they had just been read."""
         run, self._lane_run = self._lane_run, None
@@ -1203,6 +1212,19 @@ class Session:
                 execute = _Pending("execute", portal=portal(serial, index))
                 execute.started = started
                 self.pending.append(execute)
+        if shape >= 0 and self.pending and self.pending[0].kind in ("execute", "query"):
+            # the rest of the result the lane was relaying (it stops at a row it cannot vouch
+            # for): masked by that shape's plan, which Python still holds
+            front = self.pending[0]
+            raw = self._lane_result_shapes[shape] if shape < len(self._lane_result_shapes) else None
+            hit = self._plans.get(raw) if raw is not None else None
+            if hit is None:
+                self._end(UpstreamError("sidegate: a result's masking plan was lost", "masking", "XX000"))
+                return
+            if front.kind == "query":
+                front.plan = hit[0]
+            elif front.portal is not None:
+                front.portal.plan = hit[0]
         if self._done_or_none():
             return
         self._lane_resuming = True
