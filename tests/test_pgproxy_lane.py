@@ -255,16 +255,43 @@ async def prepared_workload(c: asyncpg.Connection, ref: asyncpg.Connection) -> i
     return n
 
 
-async def run_workload(pg: PG, tmp_path: Path, settings_: ProxySettings | None) -> tuple[ProxyUnderTest, int]:
-    async with run_proxy(pg, tmp_path, settings=settings_) as p:
-        c, ref = await asyncpg.connect(**p.kwargs()), await direct(pg)
+async def through_proxy(pg: PG, tmp_path: Path, settings_: ProxySettings | None,
+                        work: Callable[[asyncpg.Connection], Coroutine[Any, Any, Any]], *,
+                        connect: dict[str, Any] | None = None, **proxy: Any) -> tuple[ProxyUnderTest, Any]:
+    """``work`` on one asyncpg session (``connect``: more of its arguments) through a proxy
+    (``proxy``: more of run_proxy's): the proxy, once that session ended, and what it returned."""
+    async with run_proxy(pg, tmp_path, settings=settings_, **proxy) as p:
+        c = await asyncpg.connect(**p.kwargs(**(connect or {})))
         try:
-            n = await prepared_workload(c, ref)
+            result = await work(c)
         finally:
             await c.close()
-            await ref.close()
         await sessions_ended(p, 1)
-        return p, n
+        return p, result
+
+
+async def compared(run: Callable[[ProxySettings | None], Coroutine[Any, Any, tuple[ProxyUnderTest, Any]]],
+                   ) -> tuple[ProxyUnderTest, ProxyUnderTest, Any]:
+    """``run`` with the lane, then without it (the oracle): both proxies and the results, which
+    must be equal."""
+    need_lane()
+    lane, got = await run(None)
+    plain, want = await run(NO_LANE)
+    assert got == want
+    assert lane.server.lane_slices > 0 and plain.server.lane_slices == 0
+    return lane, plain, got
+
+
+async def run_workload(pg: PG, tmp_path: Path, settings_: ProxySettings | None) -> tuple[ProxyUnderTest, int]:
+    async def work(c: asyncpg.Connection) -> int:
+        ref = await direct(pg)
+        try:
+            return await prepared_workload(c, ref)
+        finally:
+            await ref.close()
+
+    p, n = await through_proxy(pg, tmp_path, settings_, work)
+    return p, int(n)
 
 
 async def test_prepared_results_and_audit_equal_python_relay(postgres: PG, tmp_path: Path) -> None:

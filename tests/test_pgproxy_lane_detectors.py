@@ -22,7 +22,15 @@ from hypothesis import strategies as st
 
 from pg_fixtures import PG, ProxyUnderTest, run_proxy
 from sidegate_proxy.detectors import _PREFILTERS, DETECTOR_PATTERNS, LANE_CONDITIONS, Scanner, _required_literal
-from test_pgproxy_lane import NO_LANE, assert_commands_counted, need_lane, outcome, sessions_ended
+from test_pgproxy_lane import (
+    NO_LANE,
+    assert_commands_counted,
+    compared,
+    need_lane,
+    outcome,
+    sessions_ended,
+    through_proxy,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -79,21 +87,12 @@ async def asyncpg_workload(c: asyncpg.Connection) -> list[Any]:
 
 
 async def run(pg: PG, tmp_path: Path, settings: Any) -> tuple[ProxyUnderTest, list[Any]]:
-    async with run_proxy(pg, tmp_path, masking=DETECT, settings=settings) as p:
-        c = await asyncpg.connect(**p.kwargs())
-        try:
-            got = await asyncpg_workload(c)
-        finally:
-            await c.close()
-        await sessions_ended(p, 1)
-        return p, got
+    p, got = await through_proxy(pg, tmp_path, settings, asyncpg_workload, masking=DETECT)
+    return p, list(got)
 
 
 async def test_detector_rules_in_the_lane_equal_the_python_relay(notes: PG, tmp_path: Path) -> None:
-    need_lane()
-    lane, got = await run(notes, tmp_path, None)
-    plain, want = await run(notes, tmp_path, NO_LANE)
-    assert got == want
+    lane, plain, got = await compared(lambda settings: run(notes, tmp_path, settings))
     assert lane.server.lane_statements > 200  # most rows hold nothing a detector could match
     flat = [r for result in got for r in result]
     assert all("ana@example" not in (body or "") for _id, body, *_ in flat)

@@ -34,7 +34,6 @@ from test_pgproxy import NO_DROP, client_backends
 from test_pgproxy_lane import (
     EMAILS,
     FUZZ,
-    NO_LANE,
     RED,
     SYNC,
     UPSTREAM_SECRETS_NOTE,
@@ -42,6 +41,7 @@ from test_pgproxy_lane import (
     LoopThread,
     assert_commands_counted,
     bind,
+    compared,
     describe,
     enter_lane,
     exchange_in_lane,
@@ -53,6 +53,7 @@ from test_pgproxy_lane import (
     read_ready,
     read_until_ready,
     sessions_ended,
+    through_proxy,
 )
 from test_pgproxy_upstream_tls import CA_REF, STAT_SSL, ca_secret
 from test_tls import BAD_RECORD
@@ -85,27 +86,21 @@ async def big_workload(c: asyncpg.Connection) -> list[Any]:
 
 async def both_sides(pg: TLSPG, tmp_path: Path, settings: ProxySettings | None) -> tuple[ProxyUnderTest, list[Any]]:
     server_ctx, client_ctx = client_tls(tmp_path)
-    async with run_proxy(pg, tmp_path, tls={"mode": "verify-full", "caSecretRef": CA_REF},
-                         extra_secrets=ca_secret(pg.ca), ssl_context=server_ctx, settings=settings) as p:
-        c = await asyncpg.connect(**p.kwargs(ssl=client_ctx))
-        try:
-            row = await c.fetchrow(STAT_SSL)  # the gateway's own backend
-            assert row is not None and row["ssl"] is True
-            results = await big_workload(c)
-        finally:
-            await c.close()
-        await sessions_ended(p, 1)
-        return p, results
+
+    async def work(c: asyncpg.Connection) -> list[Any]:
+        row = await c.fetchrow(STAT_SSL)  # the gateway's own backend
+        assert row is not None and row["ssl"] is True
+        return await big_workload(c)
+
+    p, results = await through_proxy(pg, tmp_path, settings, work, connect={"ssl": client_ctx},
+                                     tls={"mode": "verify-full", "caSecretRef": CA_REF},
+                                     extra_secrets=ca_secret(pg.ca), ssl_context=server_ctx)
+    return p, list(results)
 
 
 async def test_both_sides_tls_results_and_audit_equal_python_relay(postgres_tls: TLSPG, tmp_path: Path) -> None:
-    need_lane()
-    lane, got = await both_sides(postgres_tls, tmp_path, None)
-    plain, want = await both_sides(postgres_tls, tmp_path, NO_LANE)
-    assert got == want
+    lane, plain, got = await compared(lambda settings: both_sides(postgres_tls, tmp_path, settings))
     assert got[3] == [(g, _md5(g)) for g in range(1, 20_001)]
-    assert plain.server.lane_slices == 0
-    assert lane.server.lane_slices > 0
     assert lane.server.lane_statements >= 20  # most of the 3 x 12 executions
     assert outcome(lane.audit.commands()) == outcome(plain.audit.commands())
     assert_commands_counted(lane)
