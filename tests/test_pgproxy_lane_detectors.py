@@ -65,14 +65,9 @@ def rows(n: int = 300) -> list[tuple[int, str | None, str]]:
 @pytest.fixture
 def notes(postgres: PG) -> PG:
     postgres.sql("DROP TABLE IF EXISTS lane_notes; CREATE TABLE lane_notes (id int PRIMARY KEY, body text, title text)")
-    values = ", ".join(
-        f"({i}, {'NULL' if body is None else _literal(body)}, {_literal(title)})" for i, body, title in rows())
-    postgres.sql(f"INSERT INTO lane_notes VALUES {values}")
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn, conn.cursor() as cur:
+        cur.executemany("INSERT INTO lane_notes VALUES (%s, %s, %s)", rows())
     return postgres
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 async def asyncpg_workload(c: asyncpg.Connection) -> list[Any]:

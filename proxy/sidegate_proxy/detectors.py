@@ -381,6 +381,24 @@ def _strip_names(pattern: bytes) -> bytes:
     return _NAMED_GROUP.sub(rb"\1(", pattern)
 
 
+def _lane_conditions(alts: Sequence[_Alt]) -> tuple[int, tuple[bytes, ...]] | None:
+    """``Scanner.lane_conditions`` of these alternatives (worked out once per rule set)."""
+    digits: list[int] = []
+    subs: dict[bytes, None] = {}
+    for a in alts:
+        if a.detector == CUSTOM:
+            literal = _required_literal(a.pattern.decode())
+            if literal is None:
+                return None
+            subs[literal] = None
+        else:
+            fewest, needed = LANE_CONDITIONS[a.detector]
+            if fewest:
+                digits.append(fewest)
+            subs.update(dict.fromkeys(needed))
+    return (min(digits, default=0), tuple(subs)) if len(subs) <= 255 else None
+
+
 class Scanner:
     """All detectors and custom patterns of a rule set, compiled once and scanned in one pass.
 
@@ -424,6 +442,7 @@ class Scanner:
         )
         if any(not _needs_non_integer_char(rx.pattern) for _, rx in fallback):
             self._integer_digits = 0
+        self._lane_conditions = None if fallback else _lane_conditions(alts)
         self._always = sum(1 << i for i, a in enumerate(alts) if a.prefilter is None)
         self._prefilters = tuple((1 << i, a.prefilter) for i, a in enumerate(alts) if a.prefilter is not None)
         self._compiled: dict[tuple[int, bool], _Combined] = {}
@@ -446,22 +465,7 @@ class Scanner:
         """(fewest digits, substrings; 0: no digit condition) such that a value meeting none of
         them holds no finding (``LANE_CONDITIONS``; a custom pattern's leading literal); None
         when a custom pattern has no literal the analysis is sure of."""
-        if self._fallback:
-            return None
-        digits: list[int] = []
-        subs: dict[bytes, None] = {}
-        for a in self._alts:
-            if a.detector == CUSTOM:
-                literal = _required_literal(a.pattern.decode())
-                if literal is None:
-                    return None
-                subs[literal] = None
-            else:
-                fewest, needed = LANE_CONDITIONS[a.detector]
-                if fewest:
-                    digits.append(fewest)
-                subs.update(dict.fromkeys(needed))
-        return (min(digits, default=0), tuple(subs)) if len(subs) <= 255 else None
+        return self._lane_conditions
 
     def matches_integers(self, digits: int) -> bool:
         """Whether an integer of at most ``digits`` digits, printed as text, can hold a finding:

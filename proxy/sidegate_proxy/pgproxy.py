@@ -104,7 +104,7 @@ from .pgwire import (
 from .policy import Caller, Decision, check_access
 from .secrets import SecretMissing, SecretStore
 from .sqlparse import ALL_COLUMNS, statement_text
-from .tls import TLSTransport
+from .tls import TLSTransport, take_over
 from .tls import handshake as tls_handshake
 
 __all__ = ["ProxyServer", "ProxySettings", "UpstreamError", "open_upstream"]
@@ -456,7 +456,7 @@ def _lane_tls(transport: Any) -> object:
     if transport.get_extra_info("ssl_object") is None:
         return None
     owner = getattr(transport.ssl_object, "_sslobj", None) if isinstance(transport, TLSTransport) else None
-    return owner if owner is not None and _LANE.tls_drivable(owner) else False
+    return owner if owner is not None and _LANE is not None and _LANE.tls_drivable(owner) else False
 
 
 class _RelayProtocol(asyncio.Protocol):
@@ -482,17 +482,6 @@ class _RelayProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.session._set_backpressure(1 - self.side, False)
-
-
-def _take_over(reader: asyncio.StreamReader, transport: Any, protocol: asyncio.Protocol) -> tuple[bytes, bool]:
-    """Move a transport from its stream reader to ``protocol``: what the reader had buffered
-    but nobody read yet, and whether it had seen EOF."""
-    buffer = getattr(reader, "_buffer", bytearray())
-    data = bytes(buffer)
-    buffer.clear()
-    transport.set_protocol(protocol)
-    transport.resume_reading()  # the stream protocol may have paused a full buffer
-    return data, reader.at_eof() or bool(getattr(reader, "_eof", False))
 
 
 async def _in_task() -> None:
@@ -581,6 +570,7 @@ class Session:
         self._tasks: set[asyncio.Task[None]] = set()
         self._client_left = False
         self._client_tls = False
+        self._lane_tls: tuple[object, object] = (None, None)  # per side, for the lane: see _lane_tls
         self._last_client = 0.0
         self._idle_handle: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
@@ -851,9 +841,10 @@ class Session:
         self._loop = loop
         self._done = loop.create_future()
         self._client_tls = self.writer.get_extra_info("ssl_object") is not None
+        self._lane_tls = (_lane_tls(self.writer.transport), _lane_tls(up.writer.transport))
         self._transports = (self.writer.transport, up.writer.transport)
-        early = [_take_over(self.reader, self.writer.transport, _RelayProtocol(self, CLIENT)),
-                 _take_over(up.reader, up.writer.transport, _RelayProtocol(self, SERVER))]
+        early = [take_over(self.reader, self.writer.transport, _RelayProtocol(self, CLIENT)),
+                 take_over(up.reader, up.writer.transport, _RelayProtocol(self, SERVER))]
         self._last_client = loop.time()
         idle = self.server.settings.idle_timeout
         if idle:
@@ -1055,7 +1046,7 @@ class Session:
         transports = self._transports
         if transports[CLIENT].get_write_buffer_size() or transports[SERVER].get_write_buffer_size():
             return
-        tls = (_lane_tls(transports[CLIENT]), _lane_tls(transports[SERVER]))
+        tls = self._lane_tls
         if tls[CLIENT] is False or tls[SERVER] is False:
             return
         names: list[bytes] = []

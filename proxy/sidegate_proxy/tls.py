@@ -17,6 +17,17 @@ from typing import Any
 READ_SIZE = 65536
 
 
+def take_over(reader: asyncio.StreamReader, transport: Any, protocol: asyncio.BaseProtocol) -> tuple[bytes, bool]:
+    """Move a transport from its stream reader to ``protocol``: what the reader had buffered
+    but nobody read yet, and whether it had seen EOF."""
+    buffer = getattr(reader, "_buffer", bytearray())
+    data = bytes(buffer)
+    buffer.clear()
+    transport.set_protocol(protocol)
+    transport.resume_reading()  # the stream protocol may have paused a full buffer
+    return data, reader.at_eof() or bool(getattr(reader, "_eof", False))
+
+
 async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext, *,
                     server_side: bool, server_hostname: str | None = None
                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -40,20 +51,16 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         if not data:
             raise ConnectionResetError("the peer closed the connection during the TLS handshake")
         incoming.write(data)
-    raw: Any = writer.transport
-    buffered = getattr(reader, "_buffer", bytearray())  # what came right behind the handshake
-    incoming.write(bytes(buffered))
-    buffered.clear()
-    transport = TLSTransport(raw, sslobj, incoming, outgoing)
+    transport = TLSTransport(writer.transport, sslobj, incoming, outgoing)
     transport.ciphertext_writer = writer  # a StreamWriter closes its transport when collected
     plain = asyncio.StreamReader(limit=READ_SIZE, loop=asyncio.get_running_loop())
     protocol = asyncio.StreamReaderProtocol(plain)
     transport.set_protocol(protocol)
     protocol.connection_made(transport)
-    raw.set_protocol(_Ciphertext(transport))
-    raw.resume_reading()  # the stream protocol may have paused a full buffer
+    behind, eof = take_over(reader, writer.transport, _Ciphertext(transport))  # right behind the handshake
+    incoming.write(behind)
     transport.decrypt()
-    if reader.at_eof():
+    if eof:
         transport.raw_eof()
     return plain, asyncio.StreamWriter(transport, protocol, plain, asyncio.get_running_loop())
 
