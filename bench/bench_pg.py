@@ -82,6 +82,7 @@ class Result:
     failed: int
     added_ms: float = 0.0  # average latency minus direct's, same mode and clients
     proxy_cpu_us: float | None = None  # the proxy process's CPU (user + system) per transaction
+    lane_cpu_us: float | None = None  # ... of it, its native lane thread's (relaying)
     tps_ratio: float = 1.0  # TPS over direct's, same mode and clients
     # with several rounds: this is the median round's run; the ratio's spread over all rounds
     rounds: int = 1
@@ -233,18 +234,30 @@ def _find(pattern: str, text: str, what: str) -> str:
     return m.group(1)
 
 
-def cpu_seconds(pid: int) -> float:
+def _cpu_ticks(stat: Path) -> tuple[int, str] | None:
+    """User + system ticks of a process or thread, and its parent's pid; None once it is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12]), fields[1]
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
     """User + system CPU time so far of a process and its live children (Sidegate's audit
-    worker), from Linux /proc."""
-    ticks = 0
+    worker), and the part of it spent by its native lane's thread (``_native.LANE_THREAD``,
+    0 without one), from Linux /proc."""
+    ticks = lane = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if stat.parent.name == str(pid) or fields[1] == str(pid):
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        got = _cpu_ticks(stat)
+        if got is not None and (stat.parent.name == str(pid) or got[1] == str(pid)):
+            ticks += got[0]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            if (task / "comm").read_text().strip() == _native.LANE_THREAD and (got := _cpu_ticks(task / "stat")):
+                lane += got[0]
+    hz = os.sysconf("SC_CLK_TCK")
+    return ticks / hz, lane / hz
 
 
 def pgbench(pg: LocalPostgres, target: Target, mode: str, clients: int, duration: int, logdir: Path) -> Result:
@@ -252,10 +265,11 @@ def pgbench(pg: LocalPostgres, target: Target, mode: str, clients: int, duration
     argv = [pg_tool("pgbench", pg), "-n", "-S", "-M", mode, "-c", str(clients), "-j", "1", "-T", str(duration),
             "-l", f"--log-prefix={prefix}", "-h", "127.0.0.1", "-p", str(target.port), "-U", target.user,
             target.database]
-    cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
+    cpu_before = cpu_seconds(target.pid) if target.pid else (0.0, 0.0)
     proc = subprocess.run(argv, capture_output=True, text=True, env=_env(target), timeout=duration + 120,
                           check=False)
-    cpu = cpu_seconds(target.pid) - cpu_before if target.pid else None
+    cpu_after = cpu_seconds(target.pid) if target.pid else None
+    cpu, lane_cpu = (cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]) if cpu_after else (None, None)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"pgbench against {target.name} failed ({proc.returncode}):\n{out}")
@@ -275,6 +289,7 @@ def pgbench(pg: LocalPostgres, target: Target, mode: str, clients: int, duration
         transactions=transactions,
         failed=int(failed),
         proxy_cpu_us=cpu / transactions * 1e6 if cpu is not None and transactions else None,
+        lane_cpu_us=lane_cpu / transactions * 1e6 if lane_cpu and transactions else None,
     )
 
 
@@ -349,6 +364,9 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
             "Sidegate: separate process, JWT password (token cache), guardrails, masking active for "
             "the caller (demo policy), audit spooled to disk (stdout audit off); with --audit-worker the "
             "audit is sealed and spooled by a second process, whose CPU is counted in the proxy's",
+            "proxy CPU µs/query: the proxy process's user + system time per transaction; in brackets the "
+            "part of Sidegate's native lane thread (the relay of statements Python allowed), the rest being "
+            "its Python thread (sessions, sealing the lane's audit records) and the audit spool's writer",
             f"Sidegate's data plane: {NATIVE.reason}; '{PURE}' runs the same source as Python "
             "(SIDEGATE_PURE_PYTHON=1)",
             "TLS rows: the same PgBouncer (client_tls_sslmode=allow) and Sidegate (--tls-cert) with pgbench "
@@ -387,19 +405,23 @@ def ratio_text(r: dict[str, Any]) -> str:
 
 
 def _cpu(r: dict[str, Any]) -> str:
-    return "-" if r.get("proxy_cpu_us") is None else f"{r['proxy_cpu_us']:.0f}"
+    """The proxy's CPU per query, and its lane thread's part: ``35 (lane 29)``."""
+    if r.get("proxy_cpu_us") is None:
+        return "-"
+    lane = f" (lane {r['lane_cpu_us']:.0f})" if r.get("lane_cpu_us") else ""
+    return f"{r['proxy_cpu_us']:.0f}{lane}"
 
 
 def format_table(data: dict[str, Any]) -> str:
     lines = [
         f"{'target':<24}{'mode':<10}{'clients':>8}{'TPS':>10}{'avg ms':>9}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'+avg ms':>9}{'TPS/direct':>20}{'proxy CPU us/q':>15}{'failed':>8}",
+        f"{'+avg ms':>9}{'TPS/direct':>20}{'proxy CPU us/q':>18}{'failed':>8}",
     ]
     for r in data["results"]:
         lines.append(
             f"{r['target']:<24}{r['mode']:<10}{r['clients']:>8}{r['tps']:>10.0f}{r['latency_avg_ms']:>9.3f}"
             f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['added_ms']:>9.3f}{ratio_text(r):>20}"
-            f"{_cpu(r):>15}{r['failed']:>8}"
+            f"{_cpu(r):>18}{r['failed']:>8}"
         )
     return "\n".join(lines)
 

@@ -139,6 +139,20 @@ def test_ci_builds_the_native_lane() -> None:
     assert sidegate_proxy.LANE is not None
 
 
+def test_the_lane_thread_is_named_for_the_benchmark() -> None:
+    """bench/bench_pg.py tells the relay's CPU from the rest of the proxy's by this name."""
+    lane = sidegate_proxy.LANE
+    if lane is None:
+        pytest.skip("no native lane here")
+    assert lane.THREAD_NAME == _native.LANE_THREAD
+    loop = lane.Loop(0.02, 128)
+    try:
+        names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    finally:
+        loop.close()
+    assert names.count(_native.LANE_THREAD) == 1
+
+
 @pytest.mark.skipif(not PURE, reason="only when the Python source is asked for")
 def test_pure_python_has_no_lane() -> None:
     assert sidegate_proxy.LANE is None

@@ -26,6 +26,7 @@ LANE = "_lane"  # the native lane of a PostgreSQL session: C, built beside the c
 LANE_SOURCE = f"{LANE}.c"
 LANE_SOURCES = (LANE_SOURCE, "_seal.c", "_tls.c", "_seal.h", "_tls.h", "_buf.h")  # linked in: audit sealing, TLS
 PURE_ENV = "SIDEGATE_PURE_PYTHON"
+LANE_THREAD = "sidegate-lane"  # the lane thread's name (_lane.c THREAD_NAME): bench/ splits its CPU out
 
 
 @dataclass(frozen=True)
