@@ -55,6 +55,7 @@ PGBOUNCER = "/usr/sbin/pgbouncer"
 CLIENTS = (1, 8)
 MODES = ("simple", "prepared")
 PURE = "Sidegate (pure Python)"
+BOTH_SIDES = "{} TLS both sides"  # TLS to the client and to PostgreSQL
 BOT = "system:serviceaccount:payments:pgbench"
 
 
@@ -98,19 +99,38 @@ def pg_tool(name: str, pg: LocalPostgres) -> str:
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A throwaway certificate for 127.0.0.1 and its key, for the proxies' client-side TLS."""
+    """A throwaway certificate for 127.0.0.1 (its own CA, so ``verify-full`` accepts it) and its
+    key, for the proxies' client-side TLS and PostgreSQL's."""
     folder.mkdir(parents=True, exist_ok=True)
     cert, key = folder / "tls.crt", folder / "tls.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
     for path in (folder, cert, key):
         os.chmod(path, 0o755 if path == folder else 0o644)  # PgBouncer reads them as postgres
     return cert, key
 
 
-def write_manifests(folder: Path, pg: LocalPostgres, issuer: LocalIssuer, port: int) -> str:
-    """The demo's Connection and MaskingPolicy, pointed at this cluster, plus their Secrets."""
+def server_tls(tls: tuple[Path, Path], folder: Path) -> tuple[str, ...]:
+    """PostgreSQL settings serving ``tls`` (plain connections still accepted): its own copy of the
+    key, which PostgreSQL only reads when nobody else may (as the server's user when run as root)."""
+    folder.mkdir()
+    cert, key = folder / "server.crt", folder / "server.key"
+    shutil.copy(tls[0], cert)
+    shutil.copy(tls[1], key)
+    os.chmod(key, 0o600)
+    if os.geteuid() == 0:  # LocalPostgres runs the server as postgres
+        pw = pwd.getpwnam("postgres")
+        for path in (folder, cert, key):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+    return ("ssl = on", f"ssl_cert_file = '{cert}'", f"ssl_key_file = '{key}'")
+
+
+def write_manifests(folder: Path, pg: LocalPostgres, issuer: LocalIssuer, port: int,
+                    target_ca: Path | None = None) -> str:
+    """The demo's Connection and MaskingPolicy, pointed at this cluster, plus their Secrets;
+    ``target_ca``: TLS to the cluster (``verify-full``), trusting this certificate."""
     docs = [d for d in yaml.safe_load_all(DEMO_MANIFESTS) if d]
     conn = docs[0]
     conn["spec"]["target"].update(host=pg.host, port=pg.port, database=pg.database)
@@ -122,21 +142,26 @@ def write_manifests(folder: Path, pg: LocalPostgres, issuer: LocalIssuer, port: 
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-jwks", "namespace": ns},
          "stringData": {"jwks.json": issuer.jwks().decode()}},
     ]
+    if target_ca is not None:
+        conn["spec"]["target"]["tls"] = {"mode": "verify-full", "caSecretRef": {"name": "bench-ca", "key": "ca.crt"}}
+        secrets.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bench-ca", "namespace": ns},
+                        "stringData": {"ca.crt": target_ca.read_text()}})
     (folder / "sidegate.yaml").write_text(yaml.safe_dump_all([*docs, *secrets], sort_keys=False))
     return str(conn["metadata"]["name"])
 
 
 @contextlib.contextmanager
 def sidegate(pg: LocalPostgres, issuer: LocalIssuer, workdir: Path, *flags: str,
-             pure: bool = False) -> Iterator[tuple[int, int]]:
+             pure: bool = False, target_ca: Path | None = None) -> Iterator[tuple[int, int]]:
     """``sidegate proxy --manifests`` as production runs it: its own process, audit spooled.
 
-    ``pure``: the data plane's Python source instead of its compiled modules (SIDEGATE_PURE_PYTHON)."""
+    ``pure``: the data plane's Python source instead of its compiled modules (SIDEGATE_PURE_PYTHON);
+    ``target_ca``: TLS to PostgreSQL too (``write_manifests``)."""
     port = free_port()
     workdir.mkdir(exist_ok=True)
     manifests = workdir / "manifests"
     manifests.mkdir()
-    name = write_manifests(manifests, pg, issuer, port)
+    name = write_manifests(manifests, pg, issuer, port, target_ca)
     log = (workdir / "sidegate.log").open("wb")
     argv = [sys.executable, "-m", "sidegate_operator.cli", "proxy", "--manifests", str(manifests),
             "--connection", name, "--listen", f"127.0.0.1:{port}", "--admin", "off",
@@ -155,11 +180,13 @@ def sidegate(pg: LocalPostgres, issuer: LocalIssuer, workdir: Path, *flags: str,
 
 
 @contextlib.contextmanager
-def pgbouncer(pg: LocalPostgres, workdir: Path, tls: tuple[Path, Path]) -> Iterator[tuple[int, int]]:
+def pgbouncer(pg: LocalPostgres, workdir: Path, tls: tuple[Path, Path],
+              server_tls: bool = False) -> Iterator[tuple[int, int]]:
     """PgBouncer on loopback: ``app`` in transaction mode, ``app_session`` in session mode; TLS
-    for the clients that ask (``tls``: certificate and key)."""
+    for the clients that ask (``tls``: certificate and key); ``server_tls``: TLS to PostgreSQL too
+    (``verify-full``, trusting that certificate)."""
     port = free_port()
-    folder = workdir / "pgbouncer"
+    folder = workdir / ("pgbouncer-server-tls" if server_tls else "pgbouncer")
     folder.mkdir()
     (folder / "userlist.txt").write_text(f'"{pg.user}" "{pg.password}"\n')
     upstream = f"host={pg.host} port={pg.port} dbname={pg.database}"
@@ -182,7 +209,7 @@ pidfile = {folder}/pgbouncer.pid
 client_tls_sslmode = allow
 client_tls_cert_file = {tls[0]}
 client_tls_key_file = {tls[1]}
-""")
+""" + (f"server_tls_sslmode = verify-full\nserver_tls_ca_file = {tls[0]}\n" if server_tls else ""))
     argv = [PGBOUNCER, str(folder / "pgbouncer.ini")]
     if os.geteuid() == 0:  # PgBouncer refuses to run as root, like PostgreSQL
         pw = pwd.getpwnam("postgres")
@@ -225,6 +252,13 @@ def check_policy(pg: LocalPostgres, target: Target) -> None:
     code, out = psql(pg, target, "DROP TABLE pgbench_history")
     if code == 0 or "no-drop" not in out:
         raise RuntimeError(f"the no-drop guardrail did not block: {out}")
+
+
+def check_upstream_tls(pg: LocalPostgres, target: Target) -> None:
+    """Refuse to report a "both sides" row whose proxy talks to PostgreSQL in plaintext."""
+    code, out = psql(pg, target, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    if code != 0 or out.strip().splitlines()[-1:] != ["t"]:
+        raise RuntimeError(f"{target.name} does not reach PostgreSQL over TLS: {out}")
 
 
 def _find(pattern: str, text: str, what: str) -> str:
@@ -311,10 +345,13 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
     tls = self_signed(workdir / "tls")
     tls_flags = ("--tls-cert", str(tls[0]), "--tls-key", str(tls[1]))
     try:
-        with LocalPostgres() as pg, sidegate(pg, issuer, workdir / "inline", *tls_flags) as (sg_port, sg_pid), \
+        with LocalPostgres(settings=server_tls(tls, workdir / "pgtls")) as pg, \
+                sidegate(pg, issuer, workdir / "inline", *tls_flags) as (sg_port, sg_pid), \
                 sidegate(pg, issuer, workdir / "worker", "--audit-worker") as (sw_port, sw_pid), \
                 sidegate(pg, issuer, workdir / "pure", pure=True) as (sp_port, sp_pid), \
-                pgbouncer(pg, workdir, tls) as (pb_port, pb_pid):
+                sidegate(pg, issuer, workdir / "both", *tls_flags, target_ca=tls[0]) as (sb_port, sb_pid), \
+                pgbouncer(pg, workdir, tls) as (pb_port, pb_pid), \
+                pgbouncer(pg, workdir, tls, server_tls=True) as (pbb_port, pbb_pid):
             subprocess.run([pg_tool("pgbench", pg), "-i", "-q", "-s", str(scale), "-h", str(pg.sockdir), "-p",
                             str(pg.port), "-U", pg.user, pg.database], check=True, capture_output=True)
             direct = Target("direct", pg.port, pg.user, pg.password, pg.database)
@@ -326,8 +363,15 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
             bouncer_tls = dataclasses.replace(bouncer, name="PgBouncer TLS", tls=True)
             bouncer_session_tls = dataclasses.replace(bouncer_session, name="PgBouncer TLS", tls=True)
             gate_tls = dataclasses.replace(gate, name="Sidegate TLS", tls=True)
-            for target in (gate, worker, pure, gate_tls):
+            bouncer_both = Target(BOTH_SIDES.format("PgBouncer"), pbb_port, pg.user, pg.password, pg.database,
+                                  pbb_pid, tls=True)
+            bouncer_session_both = dataclasses.replace(bouncer_both, database=f"{pg.database}_session")
+            gate_both = Target(BOTH_SIDES.format("Sidegate"), sb_port, "bot", issuer.mint(BOT), pg.database, sb_pid,
+                               tls=True)
+            for target in (gate, worker, pure, gate_tls, gate_both):
                 check_policy(pg, target)
+            for target in (bouncer_both, bouncer_session_both, gate_both):
+                check_upstream_tls(pg, target)
             logdir = workdir / "logs"
             logdir.mkdir()
             runs: list[list[Result]] = []
@@ -336,7 +380,8 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
                     pgbench(pg, target, mode, clients, duration, logdir)
                     for mode in MODES for clients in CLIENTS
                     for target in (direct, bouncer_session if mode == "prepared" else bouncer, gate, worker, pure,
-                                   bouncer_session_tls if mode == "prepared" else bouncer_tls, gate_tls)
+                                   bouncer_session_tls if mode == "prepared" else bouncer_tls, gate_tls,
+                                   bouncer_session_both if mode == "prepared" else bouncer_both, gate_both)
                 ])
             versions = {
                 "postgres": subprocess.run([str(pg.bin / "postgres"), "--version"], capture_output=True,
@@ -372,6 +417,9 @@ def run(quick: bool = False, duration: int | None = None, scale: int | None = No
             "TLS rows: the same PgBouncer (client_tls_sslmode=allow) and Sidegate (--tls-cert) with pgbench "
             "connecting sslmode=require (TLS 1.3, P-256 certificate); the target side plain; ratios against "
             "plain direct",
+            f"'{BOTH_SIDES.format('...')}' rows: a second PgBouncer (server_tls_sslmode=verify-full) and Sidegate "
+            "(spec.target.tls mode verify-full) that also reach PostgreSQL over TLS (checked in pg_stat_ssl), "
+            "the same certificate as its CA",
         ],
         "results": [asdict(r) for r in results],
     }
@@ -414,12 +462,12 @@ def _cpu(r: dict[str, Any]) -> str:
 
 def format_table(data: dict[str, Any]) -> str:
     lines = [
-        f"{'target':<24}{'mode':<10}{'clients':>8}{'TPS':>10}{'avg ms':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'target':<26}{'mode':<10}{'clients':>8}{'TPS':>10}{'avg ms':>9}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'+avg ms':>9}{'TPS/direct':>20}{'proxy CPU us/q':>18}{'failed':>8}",
     ]
     for r in data["results"]:
         lines.append(
-            f"{r['target']:<24}{r['mode']:<10}{r['clients']:>8}{r['tps']:>10.0f}{r['latency_avg_ms']:>9.3f}"
+            f"{r['target']:<26}{r['mode']:<10}{r['clients']:>8}{r['tps']:>10.0f}{r['latency_avg_ms']:>9.3f}"
             f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['added_ms']:>9.3f}{ratio_text(r):>20}"
             f"{_cpu(r):>18}{r['failed']:>8}"
         )

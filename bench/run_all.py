@@ -183,9 +183,14 @@ def interpretation(results: dict[str, Any]) -> list[str]:
                 "milliseconds, not the ratio, are the number to carry over.")
         st8, pt8 = at.get(("Sidegate TLS", "prepared", 8)), at.get(("PgBouncer TLS", "prepared", 8))
         if st8 and pt8:
-            out.append(
-                f"- **PostgreSQL over TLS** (client side, prepared, 8 clients): Sidegate {st8['tps_ratio']:.2f}x "
-                f"the plain direct TPS, PgBouncer {pt8['tps_ratio']:.2f}x.")
+            text = (f"- **PostgreSQL over TLS** (client side, prepared, 8 clients): Sidegate {st8['tps_ratio']:.2f}x "
+                    f"the plain direct TPS, PgBouncer {pt8['tps_ratio']:.2f}x")
+            sb8 = at.get((bench_pg.BOTH_SIDES.format("Sidegate"), "prepared", 8))
+            pb8b = at.get((bench_pg.BOTH_SIDES.format("PgBouncer"), "prepared", 8))
+            if sb8 and pb8b:
+                text += (f"; with TLS to PostgreSQL as well, Sidegate {sb8['tps_ratio']:.2f}x, "
+                         f"PgBouncer {pb8b['tps_ratio']:.2f}x")
+            out.append(text + ".")
     op = results.get("operator")
     if isinstance(op, dict) and "reconcile" in op:
         big = op["reconcile"][-1]
@@ -253,6 +258,7 @@ def write_chart(path: Path, results: dict[str, Any]) -> bool:
     colors: list[str] = []
     palette = {"nginx": "#7f7f7f", "PgBouncer": "#7f7f7f", "PgBouncer TLS": "#bcbcbc", "Sidegate TLS": "#8c564b",
                "Sidegate --audit-worker": "#ff7f0e",
+               bench_pg.BOTH_SIDES.format("PgBouncer"): "#dcdcdc", bench_pg.BOTH_SIDES.format("Sidegate"): "#c49c94",
                "Sidegate (pure Python)": "#9467bd"}
     http = results.get("http")
     if isinstance(http, dict) and "results" in http:

@@ -121,6 +121,7 @@ def test_full_example_parses() -> None:
     assert conn.approval.approver_groups == ("dba-oncall",)
     http = parse_connection(example("http/connection.yaml"))
     assert http.target.tls.ca_secret_ref == SecretKeyRef("billing-api-ca", "ca.crt")
+    assert http.listen_tls is not None and http.listen_tls.secret_ref.name == "billing-api-gateway-tls"
     assert http.audit.webhook is not None and http.audit.webhook.secret_ref == SecretKeyRef(
         "siem-token", "token"
     )

@@ -342,6 +342,7 @@ def test_all_secret_refs_are_checked(tmp_path: Path) -> None:
     assert sorted(p.field for p in problems) == [
         "spec.audit.webhook.secretRef",
         "spec.credentials.secretRef",
+        "spec.listen.tls.secretRef",
         "spec.target.tls.caSecretRef",
     ]
 
@@ -360,6 +361,16 @@ def test_sealed_secret_satisfies_reference(tmp_path: Path) -> None:
         "spec": {"encryptedData": {}},
     }
     assert check(tmp_path, CONNECTION, sealed, require_secrets=True) == []
+
+
+def test_cert_manager_certificate_satisfies_listen_tls(tmp_path: Path) -> None:
+    """The Secret a Certificate makes is the one ``spec.secretName`` names, not the Certificate's."""
+    certificate = example("http/certificate.yaml")
+    secrets = [example("http/secret.yaml", i) for i in range(3)]
+    assert check(tmp_path, HTTP_CONNECTION, certificate, *secrets, require_secrets=True) == []
+    renamed = mutate(certificate, "spec.secretName", "another-tls")
+    problem = only_error(check(tmp_path, HTTP_CONNECTION, renamed, *secrets, require_secrets=True))
+    assert problem.field == "spec.listen.tls.secretRef" and "billing-api-gateway-tls" in problem.message
 
 
 def test_duplicate_name(tmp_path: Path) -> None:

@@ -52,7 +52,13 @@ POD_TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
 }
 
 # Stand-ins for a Secret that is not committed in clear text (its keys are unknown offline).
-SECRET_SOURCES = {("bitnami.com", "SealedSecret"), ("external-secrets.io", "ExternalSecret")}
+# Objects that make a Secret in their namespace (its keys unknown here), and the field naming it
+# (None: the object's own name).
+SECRET_SOURCES: dict[tuple[str, str], tuple[str, ...] | None] = {
+    ("bitnami.com", "SealedSecret"): None,
+    ("external-secrets.io", "ExternalSecret"): ("spec", "target", "name"),
+    ("cert-manager.io", "Certificate"): ("spec", "secretName"),  # a kubernetes.io/tls Secret
+}
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -160,6 +166,14 @@ def schema_problems(doc: Document, validator: jsonschema.protocols.Validator) ->
             yield _field_path(path), f"must be one of {allowed}; got {err.instance!r}"
         else:
             yield _field_path(path), err.message
+
+
+def _made_secret(doc: Document, field: tuple[str, ...] | None) -> str:
+    """The name of the Secret a ``SECRET_SOURCES`` object makes (its own when the field is unset)."""
+    node: Any = doc.obj
+    for key in field or ():
+        node = node.get(key) if isinstance(node, dict) else None
+    return str(node) if isinstance(node, str) and node else doc.name
 
 
 # --------------------------------------------------------------------------- per-kind rules
@@ -298,8 +312,7 @@ class _Checker:
                 except ValueError as exc:
                     self.add(doc, "data", str(exc))
             elif (_group(doc), doc.kind) in SECRET_SOURCES:
-                target = ((doc.obj.get("spec") or {}).get("target") or {}).get("name") or doc.name
-                secrets[(doc.namespace, str(target))] = _Secret(None)
+                secrets[(doc.namespace, _made_secret(doc, SECRET_SOURCES[(_group(doc), doc.kind)]))] = _Secret(None)
         for doc in docs:
             if self.known(doc):
                 self.check_references(doc, connections)
