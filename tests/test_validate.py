@@ -371,6 +371,10 @@ def test_cert_manager_certificate_satisfies_listen_tls(tmp_path: Path) -> None:
     renamed = mutate(certificate, "spec.secretName", "another-tls")
     problem = only_error(check(tmp_path, HTTP_CONNECTION, renamed, *secrets, require_secrets=True))
     assert problem.field == "spec.listen.tls.secretRef" and "billing-api-gateway-tls" in problem.message
+    # its keys are known: tls.crt and tls.key, never a database login
+    as_login = mutate(CONNECTION, "spec.credentials.secretRef.name", "billing-api-gateway-tls")
+    problem = only_error(check(tmp_path, as_login, certificate, require_secrets=True))
+    assert problem.field == "spec.credentials.secretRef" and "password" in problem.message
 
 
 def test_duplicate_name(tmp_path: Path) -> None:

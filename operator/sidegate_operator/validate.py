@@ -51,13 +51,13 @@ POD_TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
 }
 
-# Stand-ins for a Secret that is not committed in clear text (its keys are unknown offline).
-# Objects that make a Secret in their namespace (its keys unknown here), and the field naming it
-# (None: the object's own name).
-SECRET_SOURCES: dict[tuple[str, str], tuple[str, ...] | None] = {
-    ("bitnami.com", "SealedSecret"): None,
-    ("external-secrets.io", "ExternalSecret"): ("spec", "target", "name"),
-    ("cert-manager.io", "Certificate"): ("spec", "secretName"),  # a kubernetes.io/tls Secret
+# Objects that make a Secret in their namespace, so that the Secret is not committed in clear
+# text: the field naming it (None: the object's own name) and its keys (None: unknown offline).
+SECRET_SOURCES: dict[tuple[str, str], tuple[tuple[str, ...] | None, frozenset[str] | None]] = {
+    ("bitnami.com", "SealedSecret"): (None, None),
+    ("external-secrets.io", "ExternalSecret"): (("spec", "target", "name"), None),
+    # a kubernetes.io/tls Secret (ca.crt: when the issuer gives it)
+    ("cert-manager.io", "Certificate"): (("spec", "secretName"), frozenset({"tls.crt", "tls.key", "ca.crt"})),
 }
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -312,7 +312,8 @@ class _Checker:
                 except ValueError as exc:
                     self.add(doc, "data", str(exc))
             elif (_group(doc), doc.kind) in SECRET_SOURCES:
-                secrets[(doc.namespace, _made_secret(doc, SECRET_SOURCES[(_group(doc), doc.kind)]))] = _Secret(None)
+                field, keys = SECRET_SOURCES[(_group(doc), doc.kind)]
+                secrets[(doc.namespace, _made_secret(doc, field))] = _Secret(keys)
         for doc in docs:
             if self.known(doc):
                 self.check_references(doc, connections)
