@@ -132,6 +132,7 @@ def test_full_example_parses() -> None:
         and refunds.body[0].values == ("large",)
     )
     gha = parse_connection(example("github-actions/connection.yaml"))
+    assert gha.listen_tls is not None and gha.listen_tls.required  # tokens from the internet: TLS only
     [issuer] = gha.identity.issuers
     assert issuer.algorithms == ("RS256",)
     assert [(m.claim, m.prefix) for m in issuer.claim_mappings] == [
