@@ -304,6 +304,8 @@ def pgbench(pg: LocalPostgres, target: Target, mode: str, clients: int, duration
                           check=False)
     cpu_after = cpu_seconds(target.pid) if target.pid else None
     cpu, lane_cpu = (cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]) if cpu_after else (None, None)
+    if cpu is None or lane_cpu is None or not 0 < lane_cpu <= cpu:
+        lane_cpu = None  # no lane thread, or one that ended meanwhile (its share left /proc/PID/task)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"pgbench against {target.name} failed ({proc.returncode}):\n{out}")
