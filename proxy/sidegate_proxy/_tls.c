@@ -24,33 +24,30 @@ static struct {
     int (*bio_read)(void *bio, void *buf, int n);
     size_t (*bio_ctrl_pending)(void *bio);
     void (*err_clear)(void);
-    int looked; /* 0 not yet, 1 found, -1 not found */
+    int found; /* not found is not remembered: _ssl may load libssl later (import ssl) */
 } ossl;
-
-static void *symbol(void *lib, const char *name) { return dlsym(lib, name); }
 
 int tls_ready(void) {
     static const char *names[] = {"libssl.so.3", "libssl.so.1.1", "libssl.so"};
-    if (ossl.looked)
-        return ossl.looked > 0;
-    ossl.looked = -1;
+    if (ossl.found)
+        return 1;
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         void *lib = dlopen(names[i], RTLD_NOW | RTLD_NOLOAD); /* the one _ssl loaded: the same SSL objects */
         if (!lib)
             continue;
-        *(void **)&ossl.read = symbol(lib, "SSL_read");
-        *(void **)&ossl.write = symbol(lib, "SSL_write");
-        *(void **)&ossl.get_error = symbol(lib, "SSL_get_error");
-        *(void **)&ossl.get_rbio = symbol(lib, "SSL_get_rbio");
-        *(void **)&ossl.get_wbio = symbol(lib, "SSL_get_wbio");
-        *(void **)&ossl.get_ex_data = symbol(lib, "SSL_get_ex_data");
-        *(void **)&ossl.bio_write = symbol(lib, "BIO_write"); /* libcrypto's, through libssl's dependencies */
-        *(void **)&ossl.bio_read = symbol(lib, "BIO_read");
-        *(void **)&ossl.bio_ctrl_pending = symbol(lib, "BIO_ctrl_pending");
-        *(void **)&ossl.err_clear = symbol(lib, "ERR_clear_error");
+        *(void **)&ossl.read = dlsym(lib, "SSL_read");
+        *(void **)&ossl.write = dlsym(lib, "SSL_write");
+        *(void **)&ossl.get_error = dlsym(lib, "SSL_get_error");
+        *(void **)&ossl.get_rbio = dlsym(lib, "SSL_get_rbio");
+        *(void **)&ossl.get_wbio = dlsym(lib, "SSL_get_wbio");
+        *(void **)&ossl.get_ex_data = dlsym(lib, "SSL_get_ex_data");
+        *(void **)&ossl.bio_write = dlsym(lib, "BIO_write"); /* libcrypto's, through libssl's dependencies */
+        *(void **)&ossl.bio_read = dlsym(lib, "BIO_read");
+        *(void **)&ossl.bio_ctrl_pending = dlsym(lib, "BIO_ctrl_pending");
+        *(void **)&ossl.err_clear = dlsym(lib, "ERR_clear_error");
         if (ossl.read && ossl.write && ossl.get_error && ossl.get_rbio && ossl.get_wbio && ossl.get_ex_data
             && ossl.bio_write && ossl.bio_read && ossl.bio_ctrl_pending && ossl.err_clear) {
-            ossl.looked = 1;
+            ossl.found = 1;
             return 1;
         }
         dlclose(lib);

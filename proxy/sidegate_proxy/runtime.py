@@ -220,7 +220,7 @@ class ProxyRuntime:
                 ssl_context=tls, metrics=self.metrics, workload=c.workload,
                 on_approval_required=pg_approval_hook(self.approvals) if self.approvals else None,
                 settings=ProxySettings(lane=opts.native_lane),
-                tls_required=tls is not None and conn.listen_tls is not None and conn.listen_tls.required,
+                tls_required=conn.listen_tls is not None and conn.listen_tls.required,  # with a certificate
             )
             await server.start()
             self._server = server

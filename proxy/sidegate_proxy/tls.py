@@ -90,9 +90,7 @@ class TLSTransport(asyncio.Transport):
             self.raw.write(data)
 
     def _send(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            self.raw.write(data)
+        self.write_raw(self.outgoing.read())
 
     def decrypt(self) -> None:
         """Hand the protocol all the plaintext the incoming BIO holds whole records of."""
